@@ -1,0 +1,125 @@
+"""The agent's local API: one JSON request per line on a unix socket, one JSON response line back.
+
+Request:  {"method": "cni.add", "params": {...}}
+Response: {"result": <any>}  or  {"error": {"code": <int>, "msg": <str>, "details": <str>}}
+
+Error codes follow the CNI spec where a CNI call is answered (the plugin prints them unchanged);
+other methods use 100+ codes. Used by `routed-cni` (which has its own stdlib client, see cni/plugin.py)
+and by the `routed` CLI (the client below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """An error the handler wants returned to the caller as-is."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "msg": self.msg, "details": self.details}
+
+
+class ApiServer:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handlers: dict[str, Handler] = {}
+        self._server: asyncio.base_events.Server | None = None
+
+    def register(self, method: str, handler: Handler) -> None:
+        self._handlers[method] = handler
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        tmp_path = self.path + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
+        # Bind under a temporary name, then rename: a client never sees a socket nobody listens on.
+        self._server = await asyncio.start_unix_server(self._serve, path=tmp_path, limit=MAX_REQUEST_BYTES)
+        os.chmod(tmp_path, 0o600)
+        os.replace(tmp_path, self.path)
+        log.info("local API listening on %s", self.path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            response = await self._dispatch(line)
+            writer.write(json.dumps(response, separators=(",", ":")).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            log.debug("API client went away: %s", exc)
+        except ValueError as exc:  # line over the limit
+            log.warning("API request rejected: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _dispatch(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            method = request["method"]
+            params = request.get("params") or {}
+            if not isinstance(params, dict):
+                raise TypeError("params must be an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"error": {"code": 106, "msg": "malformed API request", "details": str(exc)}}
+        handler = self._handlers.get(method)
+        if handler is None:
+            return {"error": {"code": 104, "msg": f"unknown method {method!r}", "details": ""}}
+        try:
+            return {"result": await handler(params)}
+        except ApiError as exc:
+            return {"error": exc.to_json()}
+        except Exception as exc:
+            log.exception("API method %s failed", method)
+            return {"error": {"code": 999, "msg": f"{method} failed: {exc}", "details": type(exc).__name__}}
+
+
+def call(path: str, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
+    """Blocking client for the CLI and tests. Raises ApiError on an error response, OSError if unreachable."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps({"method": method, "params": params or {}}).encode() + b"\n")
+        chunks: list[bytes] = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    if not chunks:
+        raise ApiError(105, "agent closed the connection without answering")
+    response = json.loads(b"".join(chunks))
+    if "error" in response:
+        err = response["error"]
+        raise ApiError(int(err.get("code", 999)), str(err.get("msg", "")), str(err.get("details", "")))
+    return response.get("result")

@@ -1,0 +1,92 @@
+"""Agent configuration: a YAML file, overridden by ROUTED_* environment variables, validated by pydantic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from routed.constants import DEFAULT_SOCKET, DEFAULT_STATE_DIR
+
+ENV_PREFIX = "ROUTED_"
+
+
+class PolicyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    iptables_writer: Literal["restore", "iptc"] = "restore"
+    iptables_backend: Literal["auto", "legacy", "nft"] = "auto"
+    deny_log: bool = False  # NFLOG/LOG dropped packets (opt-in)
+    apply_retries: int = Field(5, ge=0)
+
+
+class BgpOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    exabgp: str = ""  # path of the exabgp executable; empty: the one next to this interpreter
+    listen_port: int = Field(0, ge=0, le=65535)  # 0: do not listen (outgoing sessions only)
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node_name: str = Field(min_length=1)
+    datastore: Literal["manifest", "kube"] = "manifest"
+    manifest_dir: str = ""  # for datastore=manifest
+    kubeconfig: str = ""  # for datastore=kube; empty: in-cluster
+    state_dir: str = DEFAULT_STATE_DIR
+    socket_path: str = DEFAULT_SOCKET
+    http_listen: str = "127.0.0.1:9099"  # /healthz /readyz /metrics; empty disables
+    log_file: str = ""
+    log_level: str = "INFO"
+    mtu: int | None = Field(None, ge=576, le=65535)  # pod veth MTU; None: the uplink's MTU
+    policy: PolicyOptions = PolicyOptions()
+    bgp: BgpOptions = BgpOptions()
+
+    def validate_sources(self) -> None:
+        if self.datastore == "manifest" and not self.manifest_dir:
+            raise ValueError("datastore 'manifest' needs manifest_dir")
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """ROUTED_NODE_NAME=x -> {"node_name": "x"}; ROUTED_POLICY__DENY_LOG=true -> {"policy": {"deny_log": "true"}}."""
+    result: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        target = result
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> AgentConfig:
+    """File < environment < explicit overrides (command-line flags)."""
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: config must be a mapping")
+        data = loaded
+    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    config = AgentConfig.model_validate(data)
+    config.validate_sources()
+    return config

@@ -1,0 +1,58 @@
+"""The one datastore interface: typed events for the kinds the agent reads, from any backend."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# Kinds the agent watches. Secrets are read only from the agent's own namespace (BGP passwords).
+KINDS: tuple[str, ...] = (
+    "Node",
+    "Namespace",
+    "Pod",
+    "NetworkPolicy",
+    "BGPPeer",
+    "BGPConfiguration",
+    "Secret",
+)
+NAMESPACED_KINDS: frozenset[str] = frozenset({"Pod", "NetworkPolicy", "Secret"})
+
+EventType = Literal["ADDED", "MODIFIED", "DELETED"]
+
+
+def object_key(kind: str, obj: dict[str, Any]) -> str:
+    """`namespace/name` for namespaced kinds, `name` otherwise."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name") or "")
+    if kind in NAMESPACED_KINDS:
+        return f"{meta.get('namespace') or 'default'}/{name}"
+    return name
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    kind: str
+    key: str
+    obj: dict[str, Any]  # the full object (for DELETED: its last known state)
+
+
+EventSink = Callable[[list[Event]], Awaitable[None]]
+
+
+class Datastore(abc.ABC):
+    """A backend lists every kind, then watches; it hands batches of events to `sink`.
+
+    `run` sets `synced` once the first complete listing of every kind has been delivered, and then keeps
+    delivering changes until cancelled. When the source is unreachable it keeps retrying with backoff and
+    delivers nothing, so consumers keep their last known state.
+    """
+
+    @abc.abstractmethod
+    async def run(self, sink: EventSink, synced: asyncio.Event) -> None: ...
+
+    async def write_status(self, node_name: str, status: dict[str, Any]) -> None:  # noqa: B027
+        """Publish this node's status object (sessions, advertised prefixes). Optional per backend."""
