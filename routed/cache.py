@@ -1,0 +1,80 @@
+"""Cluster cache: the last known state of every watched object, fed by datastore events.
+
+Consumers read typed views and subscribe to changes by kind; listeners run after each batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from routed.datastore.base import KINDS, Event
+from routed.model import Namespace, Node, Pod
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[frozenset[str]], Awaitable[None]]
+
+
+class ClusterCache:
+    def __init__(self) -> None:
+        self._objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
+        self._listeners: list[Listener] = []
+        self.revision = 0  # bumped on every batch that changed something
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def apply(self, events: list[Event]) -> None:
+        changed: set[str] = set()
+        for event in events:
+            store = self._objects.setdefault(event.kind, {})
+            if event.type == "DELETED":
+                if store.pop(event.key, None) is not None:
+                    changed.add(event.kind)
+            elif store.get(event.key) != event.obj:
+                store[event.key] = event.obj
+                changed.add(event.kind)
+        if not changed:
+            return
+        self.revision += 1
+        kinds = frozenset(changed)
+        for listener in self._listeners:
+            try:
+                await listener(kinds)
+            except Exception:
+                log.exception("cache listener failed")
+
+    def raw(self, kind: str) -> list[dict[str, Any]]:
+        return list(self._objects.get(kind, {}).values())
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return self._objects.get(kind, {}).get(key)
+
+    def node(self, name: str) -> Node | None:
+        obj = self.get("Node", name)
+        return Node.from_k8s(obj) if obj else None
+
+    def nodes(self) -> list[Node]:
+        return [Node.from_k8s(o) for o in self.raw("Node")]
+
+    def namespaces(self) -> list[Namespace]:
+        return [Namespace.from_k8s(o) for o in self.raw("Namespace")]
+
+    def pods(self) -> list[Pod]:
+        return [Pod.from_k8s(o) for o in self.raw("Pod")]
+
+    def pod(self, namespace: str, name: str) -> Pod | None:
+        obj = self.get("Pod", f"{namespace}/{name}")
+        return Pod.from_k8s(obj) if obj else None
+
+    def secrets(self) -> dict[str, dict[str, Any]]:
+        return dict(self._objects.get("Secret", {}))
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(objs) for kind, objs in self._objects.items()}
+
+
+def changed_any(kinds: frozenset[str], interesting: Iterable[str]) -> bool:
+    return not kinds.isdisjoint(interesting)

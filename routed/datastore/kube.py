@@ -1,0 +1,495 @@
+"""Kubernetes datastore: list + watch every kind the agent reads, one blocking watch thread per kind.
+
+Each watcher thread keeps its own view (key -> trimmed object) and resourceVersion:
+- first run and after `410 Gone`: list (paginated), diff the listing against the view and emit the
+  difference as ADDED/MODIFIED/DELETED, so consumers converge without flapping unchanged objects;
+- then watch from the listing's resourceVersion with bookmarks; a closed watch resumes from the last
+  resourceVersion seen (no relist);
+- on any other error (API down, 5xx, 403): back off with jitter and retry, emitting nothing, so
+  consumers keep their last known state.
+
+Objects are trimmed to what the agent uses (no managedFields, no annotations but `routed.dev/*`, Pod
+spec reduced to nodeName/hostNetwork/container ports, ...). A MODIFIED whose trimmed form did not change
+(e.g. a Pod's conditions) is dropped. Threads hand events to the asyncio loop with `call_soon_threadsafe`;
+`run` batches whatever arrives within `batch_window` seconds into one `sink` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from routed.datastore.base import Datastore, Event, EventSink, EventType, object_key
+
+log = logging.getLogger(__name__)
+
+GROUP = "routed.dev"
+VERSION = "v1alpha1"
+ANNOTATION_PREFIX = "routed.dev/"
+LIST_PAGE = 500
+
+
+class Gone(Exception):
+    """The resourceVersion we asked for is too old (HTTP 410 / watch ERROR 410): relist."""
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    kind: str
+    # (api, watch: bool, **kwargs) -> raw urllib3 response (called with _preload_content=False)
+    call: Callable[..., Any]
+    trim: Callable[[dict[str, Any]], dict[str, Any]]
+    optional: bool = False  # a 404 (CRD not installed) counts as an empty listing
+
+
+# ---- trimming -------------------------------------------------------------------------------------
+
+
+def _meta(obj: dict[str, Any], *, namespaced: bool) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    out: dict[str, Any] = {"name": meta.get("name", "")}
+    if namespaced:
+        out["namespace"] = meta.get("namespace", "")
+    for key in ("uid", "resourceVersion", "generation", "deletionTimestamp"):
+        if meta.get(key) is not None:
+            out[key] = meta[key]
+    if meta.get("labels"):
+        out["labels"] = dict(meta["labels"])
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(ANNOTATION_PREFIX)}
+    if annotations:
+        out["annotations"] = annotations
+    return out
+
+
+def _shell(kind: str, api_version: str, obj: dict[str, Any], namespaced: bool) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "metadata": _meta(obj, namespaced=namespaced)}
+
+
+def trim_node(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("Node", "v1", obj, False)
+    spec = obj.get("spec") or {}
+    out["spec"] = {k: spec[k] for k in ("podCIDR", "podCIDRs") if spec.get(k)}
+    status = obj.get("status") or {}
+    out["status"] = {"addresses": list(status.get("addresses") or [])}
+    return out
+
+
+def trim_namespace(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("Namespace", "v1", obj, False)
+    out["status"] = {"phase": (obj.get("status") or {}).get("phase", "")}
+    return out
+
+
+def trim_pod(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("Pod", "v1", obj, True)
+    spec = obj.get("spec") or {}
+    containers = []
+    for c in spec.get("containers") or []:
+        entry: dict[str, Any] = {"name": c.get("name", "")}
+        if c.get("ports"):
+            entry["ports"] = [
+                {k: p[k] for k in ("name", "containerPort", "protocol") if k in p} for p in c["ports"]
+            ]
+        containers.append(entry)
+    out["spec"] = {"nodeName": spec.get("nodeName") or "", "containers": containers}
+    if spec.get("hostNetwork"):
+        out["spec"]["hostNetwork"] = True
+    status = obj.get("status") or {}
+    out["status"] = {k: status[k] for k in ("phase", "podIP", "podIPs") if status.get(k)}
+    return out
+
+
+def trim_network_policy(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("NetworkPolicy", "networking.k8s.io/v1", obj, True)
+    out["spec"] = obj.get("spec") or {}
+    return out
+
+
+def _trim_custom(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def trim(obj: dict[str, Any]) -> dict[str, Any]:
+        out = _shell(kind, f"{GROUP}/{VERSION}", obj, False)
+        out["spec"] = obj.get("spec") or {}
+        return out
+
+    return trim
+
+
+def trim_secret(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("Secret", "v1", obj, True)
+    out["type"] = obj.get("type", "")
+    out["data"] = dict(obj.get("data") or {})
+    return out
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal apart from metadata.resourceVersion."""
+
+    def strip(o: dict[str, Any]) -> dict[str, Any]:
+        meta = dict(o.get("metadata") or {})
+        meta.pop("resourceVersion", None)
+        return {**o, "metadata": meta}
+
+    return strip(a) == strip(b)
+
+
+def diff_listing(
+    kind: str, old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]
+) -> list[Event]:
+    """Events that turn `old` into `new` (a relist): nothing for unchanged objects."""
+    events: list[Event] = []
+    for key, obj in new.items():
+        prev = old.get(key)
+        if prev is None:
+            events.append(Event("ADDED", kind, key, obj))
+        elif not _same(prev, obj):
+            events.append(Event("MODIFIED", kind, key, obj))
+    for key, obj in old.items():
+        if key not in new:
+            events.append(Event("DELETED", kind, key, obj))
+    return events
+
+
+# ---- the datastore --------------------------------------------------------------------------------
+
+
+class KubeDatastore(Datastore):
+    def __init__(
+        self,
+        kubeconfig: str = "",
+        namespace: str = "routed-system",
+        node_name: str = "",
+        *,
+        watch_timeout: int = 300,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        batch_window: float = 0.05,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.node_name = node_name
+        self.watch_timeout = watch_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.batch_window = batch_window
+        self.request_timeout = request_timeout
+        self._api: k8s.ApiClient | None = None
+        self._watchers: dict[str, _Watcher] = {}
+        self._stop = threading.Event()
+
+    # -- clients
+
+    def api_client(self) -> k8s.ApiClient:
+        if self._api is None:
+            cfg = k8s.Configuration()
+            if self.kubeconfig:
+                k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+            else:
+                # Re-reads the projected ServiceAccount token when it rotates.
+                k8s_config.load_incluster_config(client_configuration=cfg)
+            cfg.connection_pool_maxsize = 16
+            cfg.retries = 0  # we retry ourselves, with backoff
+            self._api = k8s.ApiClient(cfg)
+        return self._api
+
+    def kinds(self) -> list[KindSpec]:
+        api = self.api_client()
+        core = k8s.CoreV1Api(api)
+        net = k8s.NetworkingV1Api(api)
+        custom = k8s.CustomObjectsApi(api)
+
+        def crd(plural: str) -> Callable[..., Any]:
+            return lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
+
+        ns = self.namespace
+        return [
+            KindSpec("Node", core.list_node, trim_node),
+            KindSpec("Namespace", core.list_namespace, trim_namespace),
+            KindSpec("Pod", core.list_pod_for_all_namespaces, trim_pod),
+            KindSpec("NetworkPolicy", net.list_network_policy_for_all_namespaces, trim_network_policy),
+            KindSpec("BGPPeer", crd("bgppeers"), _trim_custom("BGPPeer"), optional=True),
+            KindSpec("BGPConfiguration", crd("bgpconfigurations"), _trim_custom("BGPConfiguration"), optional=True),
+            KindSpec("Secret", lambda **kw: core.list_namespaced_secret(ns, **kw), trim_secret),
+        ]
+
+    # -- run
+
+    async def run(self, sink: EventSink, synced: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, list[Event], bool]] = asyncio.Queue()
+        self._stop.clear()
+
+        def emit(kind: str, events: list[Event], listed: bool) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed while a thread was finishing
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, events, listed))
+
+        specs = await asyncio.to_thread(self.kinds)
+        self._watchers = {s.kind: _Watcher(self, s, emit) for s in specs}
+        for w in self._watchers.values():
+            w.start()
+        listed: set[str] = set()
+        pending: list[Event] = []  # held back until every kind has its first listing
+        try:
+            while True:
+                kind, events, was_listing = await queue.get()
+                batch = list(events)
+                if was_listing:
+                    listed.add(kind)
+                deadline = loop.time() + self.batch_window
+                while (timeout := deadline - loop.time()) > 0:
+                    try:
+                        kind, events, was_listing = await asyncio.wait_for(queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                    batch.extend(events)
+                    if was_listing:
+                        listed.add(kind)
+                if not synced.is_set():
+                    pending.extend(batch)
+                    if listed >= set(self._watchers):
+                        order = {k: i for i, k in enumerate(self._watchers)}
+                        pending.sort(key=lambda e: order[e.kind])  # Namespaces before Pods, etc.
+                        if pending:
+                            await sink(pending)
+                        pending = []
+                        synced.set()
+                        log.info("kube datastore synced (%s)", ", ".join(sorted(listed)))
+                elif batch:
+                    await sink(batch)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for w in self._watchers.values():
+            w.interrupt()
+
+    def state(self, kind: str) -> dict[str, dict[str, Any]]:
+        """A copy of one kind's current view (for tests and debugging)."""
+        w = self._watchers.get(kind)
+        return w.snapshot() if w else {}
+
+    def interrupt_watch(self, kind: str, resource_version: str | None = None) -> None:
+        """Drop one kind's watch connection (tests: optionally resume from a given, e.g. stale, version)."""
+        w = self._watchers[kind]
+        if resource_version is not None:
+            w.resource_version = resource_version
+        w.interrupt()
+
+    # -- status
+
+    async def write_status(self, node_name: str, status: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._write_status, node_name, status)
+
+    def _write_status(self, node_name: str, status: dict[str, Any]) -> None:
+        custom = k8s.CustomObjectsApi(self.api_client())
+        plural = "routednodestatuses"
+        body = dict(status)
+        body.setdefault("lastUpdate", dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        try:
+            custom.get_cluster_custom_object(GROUP, VERSION, plural, node_name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            obj = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "RoutedNodeStatus",
+                "metadata": {"name": node_name},
+                "spec": {"nodeName": node_name},
+            }
+            try:
+                custom.create_cluster_custom_object(GROUP, VERSION, plural, obj)
+            except ApiException as ce:
+                if ce.status != 409:
+                    raise
+        # JSON patch "add" on /status replaces the whole status (a merge patch would keep stale keys).
+        custom.patch_cluster_custom_object_status(
+            GROUP,
+            VERSION,
+            plural,
+            node_name,
+            [{"op": "add", "path": "/status", "value": body}],
+            _content_type="application/json-patch+json",
+        )
+
+
+class _Watcher:
+    """One kind: list, then watch, in a daemon thread."""
+
+    def __init__(
+        self, ds: KubeDatastore, spec: KindSpec, emit: Callable[[str, list[Event], bool], None]
+    ) -> None:
+        self.ds = ds
+        self.spec = spec
+        self.emit = emit
+        self.view: dict[str, dict[str, Any]] = {}
+        self.resource_version = ""
+        self.need_list = True
+        self.listed_once = False
+        self._lock = threading.Lock()
+        self._resp: Any = None
+        self._thread = threading.Thread(target=self._loop, name=f"kube-watch-{spec.kind}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self.view)
+
+    def interrupt(self) -> None:
+        resp = self._resp
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                if hasattr(resp, "shutdown"):
+                    resp.shutdown()
+                resp.close()
+
+    # -- loop
+
+    def _loop(self) -> None:
+        kind = self.spec.kind
+        delay = self.ds.backoff_initial
+        while not self.ds._stop.is_set():
+            try:
+                if self.need_list:
+                    self._relist()
+                self._watch()
+                delay = self.ds.backoff_initial
+                continue
+            except Gone:
+                log.info("%s: resourceVersion %s expired, relisting", kind, self.resource_version)
+                self.need_list = True
+                continue
+            except ApiException as e:
+                if e.status == 410:
+                    self.need_list = True
+                    continue
+                if e.status == 404 and self.spec.optional:
+                    log.warning("%s: not served (CRD missing?); treating as empty, retrying", kind)
+                    if not self.listed_once:
+                        self.listed_once = True
+                        self.emit(kind, [], True)
+                else:
+                    log.warning("%s: API error %s %s", kind, e.status, e.reason)
+            except Exception as e:  # any transport error: keep state, retry
+                if self.ds._stop.is_set():
+                    break
+                log.warning("%s: watch failed: %s", kind, e.__class__.__name__ + ": " + str(e)[:200])
+            if self.ds._stop.wait(delay * random.uniform(0.5, 1.5)):
+                break
+            delay = min(delay * 2, self.ds.backoff_max)
+
+    def _call(self, **kwargs: Any) -> Any:
+        return self.spec.call(_preload_content=False, **kwargs)
+
+    def _relist(self) -> None:
+        items: dict[str, dict[str, Any]] = {}
+        cont = ""
+        while True:
+            kw: dict[str, Any] = {"limit": LIST_PAGE, "_request_timeout": self.ds.request_timeout}
+            if cont:
+                kw["_continue"] = cont
+            resp = self._call(**kw)
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            for raw in body.get("items") or []:
+                obj = self.spec.trim(raw)
+                items[object_key(self.spec.kind, obj)] = obj
+            meta = body.get("metadata") or {}
+            cont = meta.get("continue") or ""
+            if not cont:
+                rv = str(meta.get("resourceVersion") or "")
+                break
+        with self._lock:
+            events = diff_listing(self.spec.kind, self.view, items)
+            self.view = items
+            self.resource_version = rv
+            self.need_list = False
+        first = not self.listed_once
+        self.listed_once = True
+        if events or first:
+            self.emit(self.spec.kind, events, first)
+        log.debug("%s: listed %d objects at %s (%d changes)", self.spec.kind, len(items), rv, len(events))
+
+    def _watch(self) -> None:
+        timeout = self.ds.watch_timeout
+        resp = self._call(
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=self.resource_version,
+            timeout_seconds=timeout,
+            _request_timeout=(10, timeout + 30),
+        )
+        self._resp = resp
+        try:
+            for line in _lines(resp):
+                if self.ds._stop.is_set():
+                    return
+                self._handle(json.loads(line))
+        finally:
+            self._resp = None
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
+    def _handle(self, ev: dict[str, Any]) -> None:
+        etype = ev.get("type")
+        raw = ev.get("object") or {}
+        if etype == "ERROR":
+            if raw.get("code") == 410:
+                raise Gone(raw.get("message", ""))
+            raise RuntimeError(f"watch error: {raw.get('code')} {raw.get('message')}")
+        rv = str((raw.get("metadata") or {}).get("resourceVersion") or "")
+        if etype == "BOOKMARK":
+            if rv:
+                self.resource_version = rv
+            return
+        if etype not in ("ADDED", "MODIFIED", "DELETED"):
+            return
+        obj = self.spec.trim(raw)
+        key = object_key(self.spec.kind, obj)
+        out: EventType = etype  # type: ignore[assignment]
+        with self._lock:
+            prev = self.view.get(key)
+            if etype == "DELETED":
+                if prev is None:
+                    self.resource_version = rv or self.resource_version
+                    return
+                del self.view[key]
+            else:
+                self.view[key] = obj
+                if prev is not None and _same(prev, obj):
+                    self.resource_version = rv or self.resource_version
+                    return
+                out = "ADDED" if prev is None else "MODIFIED"
+            if rv:
+                self.resource_version = rv
+        self.emit(self.spec.kind, [Event(out, self.spec.kind, key, obj)], False)
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """Newline-delimited JSON from a streaming urllib3 response."""
+    buf = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+

@@ -1,0 +1,328 @@
+"""The lab: a small cluster in network namespaces on one machine (ToR, nodes with real agents, pods).
+
+`up` builds it and waits until every agent is ready; `apply`/`delete` take ordinary Kubernetes YAML;
+`matrix` probes every pod pair with real connections; `down` removes everything (also a crashed run's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import yaml
+
+from routed import api, netns
+from routed.lab import manifests, pods, topology
+from routed.lab.state import LabPaths, LabState, PodState
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_SECONDS = 90.0
+SUPERVISOR_STOP_SECONDS = 20.0
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def poll(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
+    """run_and_expect: call until truthy or the deadline; return the last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value
+
+
+def _pid_is(pid: int, needle: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+class Lab:
+    def __init__(self, name: str = "lab") -> None:
+        if not name.replace("-", "").isalnum() or len(name) > 12:
+            raise LabError("lab name: letters, digits and '-', at most 12 characters")
+        self.name = name
+        self.paths = LabPaths(name)
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def state(self) -> LabState:
+        if not LabState.exists(self.paths):
+            raise LabError(f"lab {self.name!r} is not up (run: routed lab up)")
+        return LabState.load(self.paths)
+
+    def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "static", tors: int = 1,
+           topology_kind: str = "as-per-node") -> LabState:
+        self.down(quiet=True)
+        state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        state.save(self.paths)
+        try:
+            topology.build(state)
+            for node in state.nodes:
+                self._write_node(node)
+                self._write_agent_config(state, node)
+            self._start_routers(state)
+            self._start_supervisor()
+            self.wait_ready(state)
+            for file in files or []:
+                self.apply(file)
+        except Exception:
+            log.error("lab up failed; logs are under %s", self.paths.root)
+            raise
+        return self.state()
+
+    def down(self, quiet: bool = False) -> list[str]:
+        state = LabState.load(self.paths) if LabState.exists(self.paths) else None
+        self._stop_supervisor()
+        if state is not None:
+            self._stop_routers(state)
+        removed = topology.destroy(self.name)
+        shutil.rmtree(self.paths.root, ignore_errors=True)
+        if removed and not quiet:
+            log.info("removed namespaces: %s", " ".join(removed))
+        return removed
+
+    def _write_node(self, node: Any) -> None:
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "labels": {"kubernetes.io/hostname": node.name, "topology.routed.dev/rack": node.rack},
+            },
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": node.address},
+                                     {"type": "Hostname", "address": node.name}]},
+        }
+        manifests.write_object(self.paths.cluster_dir, obj)
+
+    def _write_agent_config(self, state: LabState, node: Any) -> None:
+        node_dir = self.paths.node_dir(node.name)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "node_name": node.name,
+            "datastore": "manifest",
+            "manifest_dir": str(self.paths.cluster_dir),
+            "state_dir": str(node_dir / "state"),
+            "socket_path": self.paths.node_socket(node.name),
+            "http_listen": "127.0.0.1:9099",
+            "log_file": str(node_dir / "agent.log"),
+            "bgp": {"enabled": state.tor_kind != "static"},
+        }
+        self.paths.node_config(node.name).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def _start_routers(self, state: LabState) -> None:
+        if state.tor_kind == "static":
+            return
+        from routed.lab.bgp_setup import start_routers
+
+        start_routers(self, state)
+
+    def _stop_routers(self, state: LabState) -> None:
+        if state.tor_kind == "static":
+            return
+        try:
+            from routed.lab.bgp_setup import stop_routers
+        except ImportError:
+            return
+        stop_routers(self, state)
+
+    def _start_supervisor(self) -> None:
+        with open(self.paths.supervisor_log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "routed.lab.supervisor", "--lab", self.name],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.paths.supervisor_pid.write_text(str(proc.pid))
+
+    def _stop_supervisor(self) -> None:
+        try:
+            pid = int(self.paths.supervisor_pid.read_text())
+        except (OSError, ValueError):
+            return
+        if not _pid_is(pid, "routed.lab.supervisor"):
+            return
+        os.kill(pid, signal.SIGTERM)
+        if not poll(lambda: not _pid_is(pid, "routed.lab.supervisor"), SUPERVISOR_STOP_SECONDS):
+            os.kill(pid, signal.SIGKILL)
+        try:  # reap it if it is our child (lab up and down in one process, as tests do)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    def agent_status(self, node: str) -> dict[str, Any] | None:
+        try:
+            return api.call(self.paths.node_socket(node), "status", timeout=5)
+        except (OSError, api.ApiError, ValueError):
+            return None
+
+    def wait_ready(self, state: LabState | None = None, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        state = state or self.state()
+
+        def all_ready() -> bool:
+            return all((self.agent_status(n.name) or {}).get("ready") for n in state.nodes)
+
+        if not poll(all_ready, timeout, interval=0.2):
+            details = []
+            for node in state.nodes:
+                status = self.agent_status(node.name)
+                details.append(f"{node.name}: {status.get('reasons') if status else 'agent not answering'}")
+                details.append(pods.read_log_tail(self.paths.node_dir(node.name) / "agent.log", 10))
+            raise LabError("agents not ready in time:\n" + "\n".join(details))
+
+    # ---- objects -------------------------------------------------------------------------------------
+
+    def apply(self, file: str) -> list[str]:
+        state = self.state()
+        done: list[str] = []
+        objects = manifests.load_objects(file)
+        known_namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
+        for obj in objects:
+            if obj["kind"] == "Pod":
+                continue
+            manifests.write_object(self.paths.cluster_dir, obj)
+            done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} configured")
+        for obj in objects:
+            if obj["kind"] != "Pod":
+                continue
+            ns = obj["metadata"]["namespace"]
+            if ns not in known_namespaces and manifests.read_object(
+                self.paths.cluster_dir, {"kind": "Namespace", "metadata": {"name": ns}}
+            ) is None:
+                manifests.write_object(self.paths.cluster_dir, {"apiVersion": "v1", "kind": "Namespace",
+                                                                "metadata": {"name": ns}})
+                known_namespaces.add(ns)
+            done.append(self._apply_pod(state, obj))
+            state.save(self.paths)
+        return done
+
+    def _apply_pod(self, state: LabState, obj: dict[str, Any]) -> str:
+        meta = obj["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        node = (obj.get("spec") or {}).get("nodeName") or self._least_loaded_node(state)
+        state.node(node)  # raises for an unknown node
+        obj = {**obj, "spec": {**(obj.get("spec") or {}), "nodeName": node}}
+        existing = state.pods.get(key)
+        if existing is not None:
+            if existing.node != node:
+                raise LabError(f"pod {key}: spec.nodeName cannot change ({existing.node} -> {node}); delete it first")
+            manifests.write_object(self.paths.cluster_dir, pods.pod_object_with_status(obj, existing))
+            return f"pod/{key} configured"
+        manifests.write_object(self.paths.cluster_dir, obj)  # the API object exists before the sandbox
+        pod = pods.new_pod(self.name, meta["namespace"], meta["name"], node, manifests.container_ports(obj))
+        try:
+            pods.create(self.paths, pod)
+        except Exception:
+            manifests.delete_object(self.paths.cluster_dir, obj)
+            raise
+        manifests.write_object(self.paths.cluster_dir, pods.pod_object_with_status(obj, pod))
+        state.pods[key] = pod
+        return f"pod/{key} created on {node} with IP {', '.join(pod.ips)}"
+
+    def _least_loaded_node(self, state: LabState) -> str:
+        load = {n.name: 0 for n in state.nodes}
+        for pod in state.pods.values():
+            load[pod.node] = load.get(pod.node, 0) + 1
+        return min(load, key=lambda n: (load[n], n))
+
+    def delete(self, file: str) -> list[str]:
+        state = self.state()
+        done: list[str] = []
+        for obj in manifests.load_objects(file):
+            if obj["kind"] == "Pod":
+                key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+                pod = state.pods.pop(key, None)
+                if pod is not None:
+                    pods.destroy(self.paths, pod)
+            if manifests.delete_object(self.paths.cluster_dir, obj):
+                done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} deleted")
+            state.save(self.paths)
+        return done
+
+    # ---- views ---------------------------------------------------------------------------------------
+
+    def pod_netns(self, ref: str) -> str:
+        state = self.state()
+        if "/" in ref:
+            if ref not in state.pods:
+                raise LabError(f"no pod {ref} in the lab")
+            return state.pods[ref].netns
+        for node in state.nodes:
+            if node.name == ref:
+                return node.netns
+        for tor in state.tors:
+            if tor.name == ref:
+                return tor.netns
+        raise LabError(f"no node, ToR or pod called {ref!r}")
+
+    def status(self) -> dict[str, Any]:
+        state = self.state()
+        nodes = []
+        for node in state.nodes:
+            agent = self.agent_status(node.name) or {}
+            nodes.append({
+                "name": node.name, "address": node.address, "pod_cidr": node.pod_cidr, "asn": node.asn,
+                "ready": agent.get("ready", False), "reasons": agent.get("reasons", ["agent not answering"]),
+                "endpoints": agent.get("endpoints", 0), "bgp": agent.get("bgp", {}),
+            })
+        tors = []
+        for tor in state.tors:
+            routes = netns.run(["ip", "-n", tor.netns, "-j", "route", "show"], check=False).stdout
+            entry: dict[str, Any] = {"name": tor.name, "kind": tor.kind, "asn": tor.asn,
+                                     "routes": json.loads(routes or "[]")}
+            if tor.kind != "static":
+                from routed.lab.bgp_setup import router_sessions
+
+                entry["sessions"] = router_sessions(self, state, tor)
+            tors.append(entry)
+        pod_rows = [
+            {"pod": p.key, "node": p.node, "ips": p.ips, "netns": p.netns,
+             "ports": [f"{x['port']}/{x['protocol']}" for x in p.ports]}
+            for p in state.pods.values()
+        ]
+        return {"lab": self.name, "tor": state.tor_kind, "nodes": nodes, "tors": tors, "pods": pod_rows}
+
+    def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,
+               timeout: float = 1.0) -> list[dict[str, Any]]:
+        state = self.state()
+        wanted_protocols = {p.upper() for p in protocols} if protocols else None
+        targets = []
+        for pod in state.pods.values():
+            for port in pod.ports:
+                if ports and port["port"] not in ports:
+                    continue
+                if wanted_protocols and port["protocol"] not in wanted_protocols:
+                    continue
+                for ip in pod.ips[:1]:
+                    targets.append({"to": pod.key, "ip": ip, "port": port["port"], "protocol": port["protocol"]})
+
+        def probe_from(src: PodState) -> list[dict[str, Any]]:
+            request = json.dumps({"targets": targets, "timeout": timeout})
+            proc = subprocess.run(netns.ns_cmd(src.netns, [sys.executable, "-m", "routed.lab.probe"]),
+                                  input=request, capture_output=True, text=True, timeout=timeout * 4 + 30)
+            if proc.returncode != 0:
+                raise LabError(f"probe from {src.key} failed: {proc.stderr.strip()}")
+            return [{"from": src.key, "from_ip": src.ips[0] if src.ips else "", **r}
+                    for r in json.loads(proc.stdout)["results"]]
+
+        sources = list(state.pods.values())
+        if not sources or not targets:
+            return []
+        with ThreadPoolExecutor(max_workers=min(32, len(sources))) as pool:
+            chunks = list(pool.map(probe_from, sources))
+        return [row for chunk in chunks for row in chunk]

@@ -1,0 +1,145 @@
+"""Lab pods: a namespace wired by executing `routed-cni` exactly as containerd does, then a pod server in it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from routed import netns
+from routed.lab.state import LabPaths, PodState
+
+log = logging.getLogger(__name__)
+
+CNI_NETWORK_NAME = "routed"
+CNI_VERSION = "1.1.0"
+
+
+class PodError(RuntimeError):
+    pass
+
+
+def bin_dir() -> str:
+    return os.path.dirname(sys.executable)
+
+
+def cni_path() -> str:
+    return os.pathsep.join([bin_dir(), "/usr/lib/cni", "/opt/cni/bin"])
+
+
+def netconf(paths: LabPaths, node: str) -> dict[str, Any]:
+    """The plugin config a runtime would pass for our single-plugin conflist on this node."""
+    return {
+        "cniVersion": CNI_VERSION,
+        "name": CNI_NETWORK_NAME,
+        "type": "routed-cni",
+        "socketPath": paths.node_socket(node),
+        "logFile": str(paths.node_dir(node) / "cni.log"),
+    }
+
+
+def pod_netns_name(lab: str, namespace: str, name: str) -> str:
+    return f"rtd-{lab}-p-{hashlib.sha1(f'{namespace}/{name}'.encode()).hexdigest()[:10]}"
+
+
+def exec_cni(
+    command: str, paths: LabPaths, node: str, pod: PodState, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Run the plugin with a runtime's environment and stdin; return its parsed stdout (raise on error)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": pod.container_id,
+        "CNI_NETNS": netns.netns_path(pod.netns),
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": (
+            f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
+            f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id}"
+        ),
+        "CNI_PATH": cni_path(),
+    }
+    proc = subprocess.run(
+        [os.path.join(bin_dir(), "routed-cni")],
+        input=json.dumps(netconf(paths, node)),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    output = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    if proc.returncode != 0:
+        raise PodError(f"CNI {command} for {pod.key} failed: {output or proc.stderr.strip()}")
+    return output
+
+
+def new_pod(lab: str, namespace: str, name: str, node: str, ports: list[dict[str, Any]]) -> PodState:
+    return PodState(
+        namespace=namespace,
+        name=name,
+        node=node,
+        netns=pod_netns_name(lab, namespace, name),
+        container_id=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
+        ports=ports,
+    )
+
+
+def create(paths: LabPaths, pod: PodState) -> PodState:
+    """Sandbox namespace → CNI ADD → pod server. Undone on failure."""
+    netns.create(pod.netns)
+    try:
+        result = exec_cni("ADD", paths, pod.node, pod)
+        pod.ips = [ip["address"].split("/")[0] for ip in result.get("ips", [])]
+        if not pod.ips:
+            raise PodError(f"CNI ADD for {pod.key} returned no IP: {result}")
+        pod.server_pid = start_server(paths, pod)
+    except Exception:
+        destroy(paths, pod)
+        raise
+    return pod
+
+
+def start_server(paths: LabPaths, pod: PodState) -> int:
+    tcp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "TCP")
+    udp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "UDP")
+    log_dir = paths.pod_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{pod.namespace}_{pod.name}.log", "ab") as out:
+        proc = subprocess.Popen(
+            netns.ns_cmd(pod.netns, [sys.executable, "-m", "routed.lab.podserver", "--name", pod.key,
+                                     "--tcp", tcp, "--udp", udp]),
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    return proc.pid
+
+
+def destroy(paths: LabPaths, pod: PodState) -> None:
+    """CNI DEL (tolerant), stop the server, remove the namespace."""
+    try:
+        exec_cni("DEL", paths, pod.node, pod)
+    except (PodError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        log.warning("CNI DEL for %s: %s", pod.key, exc)
+    if netns.exists(pod.netns):
+        netns.delete(pod.netns)
+    pod.server_pid = 0
+
+
+def pod_object_with_status(obj: dict[str, Any], pod: PodState) -> dict[str, Any]:
+    status = dict(obj.get("status") or {})
+    status["phase"] = "Running"
+    if pod.ips:
+        status["podIP"] = pod.ips[0]
+        status["podIPs"] = [{"ip": ip} for ip in pod.ips]
+    return {**obj, "status": status}
+
+
+def read_log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""

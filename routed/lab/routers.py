@@ -1,0 +1,483 @@
+"""Real BGP routers (ToR / route reflector) inside a network namespace: FRR (default), BIRD 2, GoBGP.
+
+Each router runs its daemons as children of this process inside the given namespace (`ip netns exec`),
+with every file (config, pid, sockets, logs) in its own work directory, so several instances coexist.
+The caller creates the namespace and its links/addresses; `stop()` kills exactly the PIDs started here.
+
+Peering model: a neighbour whose ASN differs from the router's is eBGP; an equal ASN makes it an iBGP
+route-reflector client with `next-hop-self` (FRR: `force`), as the ToR of a routed cluster needs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from routed.netns import ns_cmd, ns_run
+
+log = logging.getLogger(__name__)
+
+FRR_DIR = "/usr/lib/frr"
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    address: str
+    asn: int
+    password: str | None = None
+
+
+class RouterError(RuntimeError):
+    pass
+
+
+def _family(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+class Router:
+    """Common process handling; subclasses write configs and know their daemons."""
+
+    kind = "router"
+
+    def __init__(self, workdir: str | None = None, hold_time: int = 9, keepalive: int = 3) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix=f"rtd-{self.kind}-")
+        self.hold_time = hold_time
+        self.keepalive = keepalive
+        self.netns = ""
+        self.asn = 0
+        self.router_id = ""
+        self.neighbors: list[Neighbor] = []
+        self.graceful_restart = True
+        self.ecmp = True
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(
+        self,
+        netns: str,
+        asn: int,
+        router_id: str,
+        neighbors: Sequence[Neighbor],
+        graceful_restart: bool = True,
+        ecmp: bool = True,
+    ) -> None:
+        self.netns = netns
+        self.asn = asn
+        self.router_id = router_id
+        self.neighbors = list(neighbors)
+        self.graceful_restart = graceful_restart
+        self.ecmp = ecmp
+        os.makedirs(self.workdir, exist_ok=True)
+        os.chmod(self.workdir, 0o777)
+        self._start()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, cmd: Sequence[str], name: str) -> subprocess.Popen[bytes]:
+        logf = open(os.path.join(self.workdir, f"{name}.out"), "ab")
+        try:
+            proc = subprocess.Popen(
+                ns_cmd(self.netns, cmd), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+        self._procs.append(proc)
+        log.debug("%s: started %s pid %d in %s", self.kind, name, proc.pid, self.netns)
+        return proc
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.poll() is None]
+
+    def running(self) -> bool:
+        return bool(self._procs) and all(p.poll() is None for p in self._procs)
+
+    def stop(self) -> None:
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 3.0
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(2)
+        self._procs.clear()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _wait_for(self, path: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            dead = [p for p in self._procs if p.poll() is not None]
+            if dead:
+                raise RouterError(f"{self.kind} in {self.netns} exited early: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RouterError(f"{self.kind} in {self.netns}: {path} did not appear: {self.log_tail()}")
+            time.sleep(0.02)
+
+    def log_tail(self, lines: int = 20) -> str:
+        out: list[str] = []
+        for name in sorted(os.listdir(self.workdir)):
+            if name.endswith((".out", ".log")):
+                with open(os.path.join(self.workdir, name), errors="replace") as f:
+                    out += [f"{name}: {line.rstrip()}" for line in f.readlines()[-lines:]]
+        return "\n".join(out)
+
+    # -- observation ------------------------------------------------------------------------------
+    def sessions(self) -> list[dict[str, Any]]:
+        """[{"peer": addr, "state": "Established" | ..., "asn": int}]"""
+        raise NotImplementedError
+
+    def established(self) -> set[str]:
+        return {s["peer"] for s in self.sessions() if s["state"].lower() == "established"}
+
+    def kernel_routes(self, family: int = 4, protocol: str | None = None) -> list[dict[str, Any]]:
+        """Routes in the namespace's main table: [{"prefix", "nexthops": [addr…], "protocol"}]."""
+        return kernel_routes(self.netns, family, protocol)
+
+
+def kernel_routes(netns: str, family: int = 4, protocol: str | None = None) -> list[dict[str, Any]]:
+    cmd = ["ip", "-j", f"-{family}", "route", "show", "table", "main"]
+    if protocol:
+        cmd += ["proto", protocol]
+    proc = ns_run(netns, cmd)
+    result: list[dict[str, Any]] = []
+    for r in json.loads(proc.stdout or "[]"):
+        dst = r.get("dst", "")
+        if dst == "default":
+            dst = "0.0.0.0/0" if family == 4 else "::/0"
+        elif "/" not in dst:
+            dst = f"{dst}/{32 if family == 4 else 128}"
+        hops = [h.get("gateway", "") for h in r.get("nexthops") or []]
+        if not hops and r.get("gateway"):
+            hops = [r["gateway"]]
+        result.append(
+            {"prefix": dst, "nexthops": sorted(h for h in hops if h), "protocol": str(r.get("protocol", "")),
+             "type": r.get("type", "unicast")}
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+class FrrRouter(Router):
+    """FRR 8: zebra + bgpd as user frr, per-instance pathspace, vty socket dir, zserv socket and pid files."""
+
+    kind = "frr"
+
+    @property
+    def _zserv(self) -> str:
+        return os.path.join(self.workdir, "zserv.api")
+
+    def _name(self) -> str:
+        return os.path.basename(self.workdir.rstrip("/"))
+
+    def config_text(self) -> str:
+        lines = [
+            "frr defaults datacenter",
+            f"hostname {self.netns}",
+            f"log file {os.path.join(self.workdir, 'bgpd.log')}",
+            "!",
+            f"router bgp {self.asn}",
+            f" bgp router-id {self.router_id}",
+            " no bgp ebgp-requires-policy",
+            " no bgp network import-check",
+            " bgp bestpath as-path multipath-relax",
+            f" timers bgp {self.keepalive} {self.hold_time}",
+        ]
+        if self.graceful_restart:
+            lines += [" bgp graceful-restart", " bgp graceful-restart preserve-fw-state"]
+        else:
+            lines += [" bgp graceful-restart-disable"]
+        for n in self.neighbors:
+            lines.append(f" neighbor {n.address} remote-as {n.asn}")
+            lines.append(f" neighbor {n.address} timers {self.keepalive} {self.hold_time}")
+            lines.append(f" neighbor {n.address} timers connect 1")
+            lines.append(f" neighbor {n.address} advertisement-interval 0")
+            if n.password:
+                lines.append(f" neighbor {n.address} password {n.password}")
+        for fam in ("ipv4", "ipv6"):
+            members = [n for n in self.neighbors if _family(n.address) == (4 if fam == "ipv4" else 6)]
+            if not members:
+                continue
+            lines.append(f" address-family {fam} unicast")
+            if self.ecmp:
+                lines += ["  maximum-paths 16", "  maximum-paths ibgp 16"]
+            else:
+                lines += ["  maximum-paths 1", "  maximum-paths ibgp 1"]
+            for n in members:
+                if fam == "ipv6":
+                    lines.append(f"  neighbor {n.address} activate")
+                if n.asn == self.asn:
+                    lines.append(f"  neighbor {n.address} route-reflector-client")
+                    lines.append(f"  neighbor {n.address} next-hop-self force")
+            lines.append(" exit-address-family")
+        lines += ["!", "line vty", "!"]
+        return "\n".join(lines) + "\n"
+
+    def _start(self) -> None:
+        conf = os.path.join(self.workdir, "bgpd.conf")
+        zconf = os.path.join(self.workdir, "zebra.conf")
+        with open(conf, "w") as f:
+            f.write(self.config_text())
+        with open(zconf, "w") as f:
+            f.write(f"hostname {self.netns}\nlog file {os.path.join(self.workdir, 'zebra.log')}\n")
+        for path in (conf, zconf):
+            os.chmod(path, 0o644)
+        common = ["-N", self._name(), "--vty_socket", self.workdir, "-u", "frr", "-g", "frr", "-P", "0",
+                  "-z", self._zserv]
+        self._spawn([os.path.join(FRR_DIR, "zebra"), *common, "-i", os.path.join(self.workdir, "zebra.pid"),
+                     "-f", zconf], "zebra")
+        self._wait_for(self._zserv)
+        self._spawn([os.path.join(FRR_DIR, "bgpd"), *common, "-i", os.path.join(self.workdir, "bgpd.pid"),
+                     "-f", conf], "bgpd")
+        self._wait_for(os.path.join(self.workdir, "bgpd.vty"))
+
+    def vtysh(self, command: str) -> str:
+        proc = ns_run(self.netns, ["vtysh", "-N", self._name(), "--vty_socket", self.workdir, "-c", command],
+                      check=False, timeout=10)
+        if proc.returncode != 0:
+            raise RouterError(f"vtysh {command!r}: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def sessions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = []
+        for fam in ("ipv4", "ipv6"):
+            try:
+                data = json.loads(self.vtysh(f"show bgp {fam} unicast summary json") or "{}")
+            except (RouterError, json.JSONDecodeError):
+                continue
+            for peer, info in (data.get("peers") or {}).items():
+                result.append({"peer": peer, "state": str(info.get("state", "")),
+                               "asn": int(info.get("remoteAs", 0)), "received": info.get("pfxRcd", 0)})
+        seen: set[str] = set()
+        unique = []
+        for s in result:
+            if s["peer"] not in seen:
+                seen.add(s["peer"])
+                unique.append(s)
+        for n in self.neighbors:  # neighbours FRR has not listed yet
+            if n.address not in seen:
+                unique.append({"peer": n.address, "state": "Idle", "asn": n.asn, "received": 0})
+        return unique
+
+    def rib(self) -> dict[str, Any]:
+        return json.loads(self.vtysh("show bgp ipv4 unicast json") or "{}")
+
+
+# ------------------------------------------------------------------------------------------------
+class BirdRouter(Router):
+    """BIRD 2: one `bgp` protocol per neighbour, `kernel` protocol exporting with ECMP merge paths."""
+
+    kind = "bird"
+
+    @property
+    def _ctl(self) -> str:
+        return os.path.join(self.workdir, "bird.ctl")
+
+    def config_text(self) -> str:
+        lines = [
+            f'log "{os.path.join(self.workdir, "bird.log")}" all;',
+            f"router id {self.router_id};",
+            "protocol device { scan time 10; }",
+            "protocol direct { ipv4; ipv6; }",
+        ]
+        for fam in ("ipv4", "ipv6"):
+            merge = "merge paths on limit 16;" if self.ecmp else ""
+            lines.append(
+                f"protocol kernel kernel_{fam} {{ {fam} {{ import none; export filter {{ if source = RTS_BGP "
+                f"then accept; reject; }}; }}; {merge} graceful restart on; }}"
+            )
+        for i, n in enumerate(self.neighbors):
+            fam = "ipv4" if _family(n.address) == 4 else "ipv6"
+            body = [
+                f"  local as {self.asn};",
+                f"  neighbor {n.address} as {n.asn};",
+                f"  hold time {self.hold_time};",
+                f"  keepalive time {self.keepalive};",
+                "  connect retry time 1;",
+                "  error wait time 1, 5;",
+            ]
+            if n.password:
+                body.append(f'  password "{n.password}";')
+            if self.graceful_restart:
+                body.append("  graceful restart on;")
+            else:
+                body.append("  graceful restart off;")
+            chan = f"  {fam} {{ import all; export all;"
+            if n.asn == self.asn:
+                body.append("  rr client;")
+                chan += " next hop self;"
+            if self.ecmp:
+                chan += " add paths off;"
+            chan += " };"
+            body.append(chan)
+            lines.append(f"protocol bgp peer{i} {{\n" + "\n".join(body) + "\n}")
+        return "\n".join(lines) + "\n"
+
+    def _start(self) -> None:
+        conf = os.path.join(self.workdir, "bird.conf")
+        with open(conf, "w") as f:
+            f.write(self.config_text())
+        self._spawn(["bird", "-f", "-c", conf, "-s", self._ctl, "-P", os.path.join(self.workdir, "bird.pid")],
+                    "bird")
+        self._wait_for(self._ctl)
+
+    def birdc(self, command: str) -> str:
+        proc = ns_run(self.netns, ["birdc", "-s", self._ctl, *command.split()], check=False, timeout=10)
+        if proc.returncode != 0:
+            raise RouterError(f"birdc {command!r}: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def sessions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = []
+        for i, n in enumerate(self.neighbors):
+            state = "Idle"
+            try:
+                out = self.birdc(f"show protocols all peer{i}")
+            except RouterError:
+                out = ""
+            for line in out.splitlines():
+                line = line.strip()
+                if line.startswith("BGP state:"):
+                    state = line.split(":", 1)[1].strip()
+            result.append({"peer": n.address, "state": state, "asn": n.asn})
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+class GobgpRouter(Router):
+    """GoBGP: gobgpd with a TOML config. It has no kernel FIB of its own (that needs zebra), so
+    `kernel_routes()` still reads the namespace's kernel (empty of BGP routes) and `rib()` gives its RIB."""
+
+    kind = "gobgp"
+    api_port = 50051
+
+    def config_text(self) -> str:
+        lines = [
+            "[global.config]",
+            f"  as = {self.asn}",
+            f'  router-id = "{self.router_id}"',
+            "  port = 179",
+        ]
+        if self.ecmp:
+            lines += ["[global.use-multiple-paths.config]", "  enabled = true"]
+        for n in self.neighbors:
+            fam = "ipv4-unicast" if _family(n.address) == 4 else "ipv6-unicast"
+            lines += [
+                "[[neighbors]]",
+                "  [neighbors.config]",
+                f'    neighbor-address = "{n.address}"',
+                f"    peer-as = {n.asn}",
+            ]
+            if n.password:
+                lines.append(f'    auth-password = "{n.password}"')
+            lines += [
+                "  [neighbors.timers.config]",
+                "    connect-retry = 1",
+                f"    hold-time = {self.hold_time}",
+                f"    keepalive-interval = {self.keepalive}",
+            ]
+            if n.asn == self.asn:
+                lines += ["  [neighbors.route-reflector.config]", "    route-reflector-client = true",
+                          f'    route-reflector-cluster-id = "{self.router_id}"']
+            if self.graceful_restart:
+                lines += ["  [neighbors.graceful-restart.config]", "    enabled = true", "    restart-time = 120"]
+            lines += [
+                "  [[neighbors.afi-safis]]",
+                "    [neighbors.afi-safis.config]",
+                f'      afi-safi-name = "{fam}"',
+            ]
+            if self.graceful_restart:
+                lines += ["    [neighbors.afi-safis.mp-graceful-restart.config]", "      enabled = true"]
+        return "\n".join(lines) + "\n"
+
+    def _start(self) -> None:
+        conf = os.path.join(self.workdir, "gobgpd.toml")
+        with open(conf, "w") as f:
+            f.write(self.config_text())
+        self._spawn(["gobgpd", "-f", conf, "-p", "--api-hosts", f"127.0.0.1:{self.api_port}",
+                     "--pprof-disable"], "gobgpd")
+        deadline = time.monotonic() + 10
+        while True:
+            proc = ns_run(self.netns, ["gobgp", "-u", "127.0.0.1", "-p", str(self.api_port), "global"],
+                          check=False, timeout=5)
+            if proc.returncode == 0:
+                return
+            if not self.running() or time.monotonic() > deadline:
+                raise RouterError(f"gobgpd in {self.netns} did not come up: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def gobgp(self, *args: str) -> str:
+        proc = ns_run(self.netns, ["gobgp", "-u", "127.0.0.1", "-p", str(self.api_port), *args], check=False,
+                      timeout=10)
+        if proc.returncode != 0:
+            raise RouterError(f"gobgp {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def sessions(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.gobgp("neighbor", "-j") or "[]")
+        except (RouterError, json.JSONDecodeError):
+            data = []
+        states = {
+            "BGP_FSM_ESTABLISHED": "Established", "BGP_FSM_IDLE": "Idle", "BGP_FSM_ACTIVE": "Active",
+            "BGP_FSM_CONNECT": "Connect", "BGP_FSM_OPENSENT": "OpenSent", "BGP_FSM_OPENCONFIRM": "OpenConfirm",
+        }
+        result = []
+        for entry in data:
+            conf = entry.get("conf") or {}
+            st = (entry.get("state") or {}).get("session_state", "")
+            if isinstance(st, int):
+                st = {1: "Idle", 2: "Connect", 3: "Active", 4: "OpenSent", 5: "OpenConfirm", 6: "Established"}.get(
+                    st, str(st))
+            result.append({"peer": conf.get("neighbor_address", ""), "state": states.get(str(st), str(st)),
+                           "asn": int(conf.get("peer_asn", 0) or 0)})
+        return result
+
+    def rib(self, family: int = 4) -> list[dict[str, Any]]:
+        """[{"prefix", "nexthops": [...]}] from gobgp's global RIB (best paths and ECMP candidates)."""
+        out = self.gobgp("global", "rib", "-a", "ipv4" if family == 4 else "ipv6", "-j")
+        data = json.loads(out or "{}")
+        result = []
+        for prefix, paths in (data or {}).items():
+            hops: set[str] = set()
+            for p in paths:
+                for attr in p.get("attrs") or []:
+                    if attr.get("type") == 3 and attr.get("nexthop"):
+                        hops.add(attr["nexthop"])
+                    if attr.get("type") == 14 and attr.get("nexthop"):
+                        hops.add(attr["nexthop"])
+            result.append({"prefix": prefix, "nexthops": sorted(hops)})
+        return result
+
+
+ROUTERS: dict[str, type[Router]] = {"frr": FrrRouter, "bird": BirdRouter, "gobgp": GobgpRouter}
+
+
+def make_router(kind: str = "frr", workdir: str | None = None, hold_time: int = 9, keepalive: int = 3) -> Router:
+    try:
+        cls = ROUTERS[kind]
+    except KeyError:
+        raise RouterError(f"unknown router kind {kind!r} (have: {', '.join(ROUTERS)})") from None
+    return cls(workdir=workdir, hold_time=hold_time, keepalive=keepalive)

@@ -1,0 +1,126 @@
+"""Where a lab keeps its files, and its persisted state (nodes, pods, processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAB_ROOT = "/run/routed-lab"
+
+
+class LabPaths:
+    def __init__(self, lab: str) -> None:
+        self.lab = lab
+        self.root = Path(LAB_ROOT) / lab
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def cluster_dir(self) -> Path:
+        """The manifest datastore every agent of this lab watches."""
+        return self.root / "cluster"
+
+    @property
+    def supervisor_pid(self) -> Path:
+        return self.root / "supervisor.pid"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.root / "supervisor.log"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / "nodes" / node
+
+    def node_socket(self, node: str) -> str:
+        return str(self.node_dir(node) / "agent.sock")
+
+    def node_config(self, node: str) -> Path:
+        return self.node_dir(node) / "agent.yaml"
+
+    def agent_pid(self, node: str) -> Path:
+        return self.node_dir(node) / "agent.pid"
+
+    def pod_dir(self) -> Path:
+        return self.root / "pods"
+
+    def netns_prefix(self) -> str:
+        return f"rtd-{self.lab}-"
+
+
+@dataclass
+class NodeState:
+    name: str
+    netns: str
+    address: str  # InternalIP (uplink address)
+    pod_cidr: str
+    asn: int = 0
+    rack: str = ""
+    uplinks: list[dict[str, str]] = field(default_factory=list)  # {"ifname", "address", "tor", "tor_address"}
+
+
+@dataclass
+class PodState:
+    namespace: str
+    name: str
+    node: str
+    netns: str
+    container_id: str
+    ips: list[str] = field(default_factory=list)
+    server_pid: int = 0
+    ports: list[dict[str, Any]] = field(default_factory=list)  # {"port", "protocol", "name"}
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class TorState:
+    name: str
+    netns: str
+    asn: int = 0
+    kind: str = "static"
+    address: str = ""  # router id / loopback
+
+
+@dataclass
+class LabState:
+    lab: str
+    tor_kind: str = "static"
+    topology: str = "as-per-node"
+    nodes: list[NodeState] = field(default_factory=list)
+    tors: list[TorState] = field(default_factory=list)
+    pods: dict[str, PodState] = field(default_factory=dict)
+
+    def node(self, name: str) -> NodeState:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r} in lab {self.lab!r} (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def save(self, paths: LabPaths) -> None:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        tmp = paths.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, paths.state_file)
+
+    @classmethod
+    def load(cls, paths: LabPaths) -> LabState:
+        data = json.loads(paths.state_file.read_text())
+        return cls(
+            lab=data["lab"],
+            tor_kind=data.get("tor_kind", "static"),
+            topology=data.get("topology", "as-per-node"),
+            nodes=[NodeState(**n) for n in data.get("nodes", [])],
+            tors=[TorState(**t) for t in data.get("tors", [])],
+            pods={k: PodState(**p) for k, p in data.get("pods", {}).items()},
+        )
+
+    @classmethod
+    def exists(cls, paths: LabPaths) -> bool:
+        return paths.state_file.exists()

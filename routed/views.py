@@ -1,0 +1,79 @@
+"""Plain-text renderings of what the agent reports (the CLI's table output; `-o json` skips these)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A fixed-width table of the given columns; lists are joined with spaces."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, list | tuple):
+            return " ".join(str(v) for v in value)
+        if isinstance(value, dict):
+            return json.dumps(value, separators=(",", ":"))
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(col)] + [len(r[i]) for r in cells]) for i, col in enumerate(columns)]
+    lines = ["  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def render_status(data: dict[str, Any]) -> str:
+    out = [
+        f"node:       {data.get('node')}",
+        f"ready:      {data.get('ready')}" + (f" ({'; '.join(data.get('reasons') or [])})" if data.get("reasons") else ""),
+        f"pod CIDRs:  {', '.join(data.get('pod_cidrs') or []) or '-'}",
+        f"endpoints:  {data.get('endpoints')}",
+        f"datastore:  {data.get('datastore', {}).get('kind')} synced={data.get('datastore', {}).get('synced')}",
+    ]
+    policy = data.get("policy") or {}
+    if "counts" in policy:
+        counts = policy["counts"]
+        out.append(
+            f"policy:     {counts.get('rules', 0)} rules, {counts.get('ipsets', 0)} ipsets, "
+            f"{len(policy.get('invalid') or [])} invalid policies"
+        )
+    bgp = data.get("bgp") or {}
+    peers = bgp.get("peers") if isinstance(bgp, dict) else None
+    if peers:
+        out.append("BGP peers:")
+        out.append(table(peers, ["peer", "asn", "state", "since", "received", "advertised", "error"]).rstrip())
+    elif isinstance(bgp, dict) and bgp.get("enabled") is False:
+        out.append("BGP:        disabled")
+    return "\n".join(out) + "\n"
+
+
+def render_ipam(data: dict[str, Any]) -> str:
+    head = f"CIDRs: {', '.join(data.get('cidrs') or []) or '-'}\n"
+    return head + table(data.get("allocations") or [], ["ip", "containerId", "ifname"])
+
+
+def render_routes(data: Any) -> str:
+    rows = data if isinstance(data, list) else data.get("routes", [])
+    return table(rows, ["peer", "prefix", "next_hop", "as_path", "communities"])
+
+
+def render_explain(data: dict[str, Any]) -> str:
+    verdict = "ALLOWED" if data.get("allowed") else "DENIED"
+    lines = [verdict]
+    for key in ("egress", "ingress"):
+        part = data.get(key)
+        if part:
+            lines.append(f"  {key}: {part if isinstance(part, str) else json.dumps(part)}")
+    if data.get("reason"):
+        lines.append(f"  reason: {data['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def render_policy_show(data: dict[str, Any]) -> str:
+    lines = []
+    for direction in ("ingress", "egress"):
+        names = data.get(direction) or []
+        lines.append(f"{direction}: {', '.join(str(n) for n in names) if names else '(none: default allow)'}")
+    return "\n".join(lines) + "\n"
