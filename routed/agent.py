@@ -264,13 +264,12 @@ class Agent:
         self._policy_ok = True
         self._policy_error = ""
         summary = self._policy.report()
-        metrics.POLICY_INVALID.set(len(summary.get("invalid", []) or []))
-        counts = summary.get("counts", {}) or {}
-        metrics.POLICY_RULES.set(counts.get("rules", 0))
-        metrics.POLICY_IPSETS.set(counts.get("ipsets", 0))
+        metrics.POLICY_INVALID.set(len(summary.get("invalid_policies") or []))
+        metrics.POLICY_RULES.set(summary.get("rules") or 0)
+        metrics.POLICY_IPSETS.set(summary.get("ipsets") or 0)
         if not summary.get("ready", True):
             self._policy_ok = False
-            self._policy_error = str(summary.get("error") or "dataplane not ready")
+            self._policy_error = str(summary.get("last_error") or "dataplane not ready")
         for endpoint, drops in (self._policy.drop_counters() or {}).items():
             metrics.POLICY_DROPS.labels(endpoint).set(drops)
 

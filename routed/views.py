@@ -33,12 +33,13 @@ def render_status(data: dict[str, Any]) -> str:
         f"datastore:  {data.get('datastore', {}).get('kind')} synced={data.get('datastore', {}).get('synced')}",
     ]
     policy = data.get("policy") or {}
-    if "counts" in policy:
-        counts = policy["counts"]
+    if "rules" in policy:
         out.append(
-            f"policy:     {counts.get('rules', 0)} rules, {counts.get('ipsets', 0)} ipsets, "
-            f"{len(policy.get('invalid') or [])} invalid policies"
+            f"policy:     {policy.get('rules', 0)} rules, {policy.get('ipsets', 0)} ipsets, "
+            f"{len(policy.get('invalid_policies') or [])} invalid policies"
         )
+        for item in policy.get("invalid_policies") or []:
+            out.append(f"  invalid: {item}")
     bgp = data.get("bgp") or {}
     peers = bgp.get("peers") if isinstance(bgp, dict) else None
     if peers:
