@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,10 +45,30 @@ def render_status(data: dict[str, Any]) -> str:
     peers = bgp.get("peers") if isinstance(bgp, dict) else None
     if peers:
         out.append("BGP peers:")
-        out.append(table(peers, ["peer", "asn", "state", "since", "received", "advertised", "error"]).rstrip())
+        out.append(table(peer_rows(peers), ["peer", "asn", "state", "since", "received", "advertised", "error"]).rstrip())
     elif isinstance(bgp, dict) and bgp.get("enabled") is False:
         out.append("BGP:        disabled")
     return "\n".join(out) + "\n"
+
+
+def _age(since: Any) -> str:
+    if not isinstance(since, int | float) or since <= 0:
+        return ""
+    seconds = int(time.time() - since)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60}m"
+
+
+def peer_rows(peers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """BGP peers as the agent reports them, shaped for a table (like `calicoctl node status`)."""
+    return [
+        {**p, "peer": p.get("address", p.get("peer", "")), "since": _age(p.get("since")),
+         "error": p.get("last_error", "")}
+        for p in peers
+    ]
 
 
 def render_ipam(data: dict[str, Any]) -> str:
@@ -57,7 +78,13 @@ def render_ipam(data: dict[str, Any]) -> str:
 
 def render_routes(data: Any) -> str:
     rows = data if isinstance(data, list) else data.get("routes", [])
-    return table(rows, ["peer", "prefix", "next_hop", "as_path", "communities"])
+    shaped = [
+        {**r, "next_hop": r.get("next_hop") or r.get("nexthop", ""),
+         "status": ("" if r.get("accepted", True) else f"rejected: {r.get('rejected', '')}")
+         + (" (stale)" if r.get("stale") else "")}
+        for r in rows
+    ]
+    return table(shaped, ["peer", "prefix", "next_hop", "as_path", "communities", "status"])
 
 
 def render_explain(data: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from routed.views import table
+from routed.views import peer_rows, table
 
 
 def add_lab_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,7 @@ def render_status(status: dict[str, Any]) -> str:
         peers = (node.get("bgp") or {}).get("peers") or []
         if peers:
             out += ["", f"{node['name']} BGP sessions (agent side)"]
-            out.append(table(peers, ["peer", "asn", "state", "since", "received", "advertised"]).rstrip())
+            out.append(table(peer_rows(peers), ["peer", "asn", "state", "since", "received", "advertised"]).rstrip())
     out += ["", "PODS", table(status["pods"], ["pod", "node", "ips", "ports"]).rstrip()]
     return "\n".join(out) + "\n"
 

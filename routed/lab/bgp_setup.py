@@ -1,0 +1,89 @@
+"""BGP in the lab: real ToR routers (FRR, BIRD 2 or GoBGP) and the BGPConfiguration/BGPPeer objects the agents read.
+
+Each ToR peers with the uplink address of every node attached to it; each node gets one BGPPeer per ToR.
+ASNs follow the lab topology: AS per node (default), AS per rack (from the node's rack label), or iBGP with
+the ToR as route reflector.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from routed.lab import manifests
+from routed.lab.routers import Neighbor, Router, make_router
+from routed.lab.state import LabState, TorState
+
+log = logging.getLogger(__name__)
+
+RACK_LABEL = "topology.routed.dev/rack"
+HOLD_TIME = 9
+KEEPALIVE = 3
+
+
+def _router(lab: Any, tor: TorState, state: LabState) -> Router:
+    router = make_router(tor.kind, workdir=str(lab.paths.root / "routers" / tor.name), hold_time=HOLD_TIME,
+                         keepalive=KEEPALIVE)
+    router.netns = tor.netns
+    router.asn = tor.asn
+    router.router_id = tor.address
+    router.neighbors = _neighbors(tor, state)
+    return router
+
+
+def _neighbors(tor: TorState, state: LabState) -> list[Neighbor]:
+    return [
+        Neighbor(address=up["address"], asn=node.asn)
+        for node in state.nodes
+        for up in node.uplinks
+        if up["tor"] == tor.name
+    ]
+
+
+def bgp_objects(state: LabState) -> list[dict[str, Any]]:
+    spec: dict[str, Any] = {"holdTime": HOLD_TIME, "keepaliveTime": KEEPALIVE, "gracefulRestartTime": 120,
+                            "nodeToNodeMesh": False}
+    if state.topology == "as-per-rack":
+        racks = sorted({n.rack for n in state.nodes})
+        spec |= {"rackLabel": RACK_LABEL,
+                 "rackASNumbers": {r: next(n.asn for n in state.nodes if n.rack == r) for r in racks}}
+    elif state.topology == "ibgp":
+        spec |= {"asNumber": state.tors[0].asn}
+    else:
+        spec |= {"nodeASNumbers": {n.name: n.asn for n in state.nodes}}
+    objects: list[dict[str, Any]] = [
+        {"apiVersion": "routed.dev/v1alpha1", "kind": "BGPConfiguration", "metadata": {"name": "default"},
+         "spec": spec}
+    ]
+    for node in state.nodes:
+        for up in node.uplinks:
+            tor = next(t for t in state.tors if t.name == up["tor"])
+            objects.append({
+                "apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
+                "metadata": {"name": f"{node.name}-{tor.name}"},
+                "spec": {"peerIP": up["tor_address"], "asNumber": tor.asn, "node": node.name},
+            })
+    return objects
+
+
+def start_routers(lab: Any, state: LabState) -> None:
+    for obj in bgp_objects(state):
+        manifests.write_object(lab.paths.cluster_dir, obj)
+    for tor in state.tors:
+        router = _router(lab, tor, state)
+        router.start(tor.netns, tor.asn, tor.address, router.neighbors, graceful_restart=True, ecmp=True)
+        log.info("%s: %s AS %d with %d neighbours", tor.name, tor.kind, tor.asn, len(router.neighbors))
+
+
+def stop_routers(lab: Any, state: LabState) -> None:
+    """Router daemons live in the ToR namespaces; deleting those ends them. Nothing else to undo."""
+
+
+def router_sessions(lab: Any, state: LabState, tor: TorState) -> list[dict[str, Any]]:
+    sessions = _router(lab, tor, state).sessions()
+    by_address = {up["address"]: node.name for node in state.nodes for up in node.uplinks}
+    return [{**s, "node": by_address.get(s["peer"], ""), "prefixes": s.get("received", "")} for s in sessions]
+
+
+def tor_router(lab: Any, state: LabState, tor_name: str) -> Router:
+    return _router(lab, next(t for t in state.tors if t.name == tor_name), state)
