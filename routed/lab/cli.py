@@ -99,7 +99,7 @@ def run_lab(args: argparse.Namespace) -> int:
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":
-            removed = lab.down()
+            removed = lab.down(quiet=True)
             sys.stdout.write(f"lab {args.name} removed ({len(removed)} namespaces)\n")
         elif args.lab_cmd == "status":
             status = lab.status()
