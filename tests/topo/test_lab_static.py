@@ -112,3 +112,27 @@ def test_pod_delete_and_recreate(lab, tmp_path):
     assert not netns.exists(pod.netns)
     ipam = run_and_expect(lambda: lab.agent_status("node2") or {}, lambda s: s.get("endpoints") == 2, timeout=10)
     assert ipam["endpoints"] == 2
+
+
+def _http_get(node_netns: str, path: str) -> tuple[int, str]:
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        f"try:\n r = urllib.request.urlopen('http://127.0.0.1:9099{path}', timeout=5); print(r.status); "
+        "print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())\n"
+    )
+    out = netns.ns_run(node_netns, ["python3", "-c", script]).stdout
+    code, _, body = out.partition("\n")
+    return int(code), body
+
+
+def test_health_ready_and_metrics(lab):
+    node = lab.state().nodes[1]  # node1's agent was restarted above; node2's counters span the whole module
+    assert _http_get(node.netns, "/healthz")[0] == 200
+    code, body = _http_get(node.netns, "/readyz")
+    assert code == 200, body
+    code, body = _http_get(node.netns, "/metrics")
+    assert code == 200
+    assert "routed_ready 1.0" in body
+    assert 'routed_cni_requests_total{command="ADD",result="ok"}' in body
+    assert "routed_endpoints 2.0" in body

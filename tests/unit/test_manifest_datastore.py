@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import asyncio
+import os
+
+from routed.cache import ClusterCache
+from routed.datastore.manifest import ManifestDatastore
+
+POD = """apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 80, name: http}]}]}
+status: {podIPs: [{ip: 10.244.1.5}]}
+"""
+
+
+def test_add_modify_delete_and_bad_file_keeps_objects(tmp_path):
+    store = ManifestDatastore(str(tmp_path))
+    (tmp_path / "pods.yaml").write_text(POD + "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"
+                                        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n")
+    events = store.scan()
+    assert sorted((e.type, e.kind, e.key) for e in events) == [("ADDED", "Namespace", "x"), ("ADDED", "Pod", "x/a")]
+    assert store.scan() == []  # nothing changed
+
+    (tmp_path / "pods.yaml").write_text(POD.replace("pod: a", "pod: b"))
+    os.utime(tmp_path / "pods.yaml", ns=(1, 1))
+    events = store.scan()
+    assert sorted((e.type, e.kind) for e in events) == [("DELETED", "Namespace"), ("MODIFIED", "Pod")]
+
+    (tmp_path / "pods.yaml").write_text("kind: Pod\nmetadata: {name: [broken\n")
+    assert store.scan() == []  # a half-written file deletes nothing
+    assert store.errors
+
+    (tmp_path / "pods.yaml").unlink()
+    events = store.scan()
+    assert [(e.type, e.key) for e in events] == [("DELETED", "x/a")]
+
+
+def test_cache_views_and_listeners(tmp_path):
+    (tmp_path / "a.yaml").write_text(POD)
+    store = ManifestDatastore(str(tmp_path))
+    cache = ClusterCache()
+    seen: list[frozenset[str]] = []
+
+    async def listener(kinds: frozenset[str]) -> None:
+        seen.append(kinds)
+
+    cache.subscribe(listener)
+    asyncio.run(cache.apply(store.scan()))
+    pod = cache.pod("x", "a")
+    assert pod is not None and pod.ips == ("10.244.1.5",) and pod.ports[0].name == "http"
+    assert seen == [frozenset({"Pod"})]
+    asyncio.run(cache.apply(store.scan()))
+    assert len(seen) == 1  # no change, no call
