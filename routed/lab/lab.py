@@ -106,8 +106,9 @@ class Lab:
                 "labels": {"kubernetes.io/hostname": node.name, "topology.routed.dev/rack": node.rack},
             },
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": node.address},
-                                     {"type": "Hostname", "address": node.name}]},
+            # every uplink address is an InternalIP: a dual-homed node speaks BGP from each
+            "status": {"addresses": [{"type": "InternalIP", "address": up["address"]} for up in node.uplinks]
+                       + [{"type": "Hostname", "address": node.name}]},
         }
         manifests.write_object(self.paths.cluster_dir, obj)
 
