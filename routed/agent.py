@@ -108,6 +108,7 @@ class Agent:
             await self._start_cni()
             await self._start_policy()
             await self._start_bgp()
+            self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
             log.info("agent for node %s running", self.node_name)
             await self._stop.wait()
         finally:
@@ -306,6 +307,41 @@ class Agent:
                 await self._bgp.update(inputs)
             except Exception:
                 log.exception("BGP update failed")
+
+    # ---- node status object -------------------------------------------------------------------------
+
+    def node_status(self) -> dict[str, Any]:
+        """What this node publishes about itself: readiness, endpoints, BGP sessions and what it advertises."""
+        ready, reasons = self.readiness()
+        peers = []
+        if self._bgp is not None:
+            advertised = self._bgp.advertised(None)
+            for peer in self._bgp.status().get("peers", []):
+                peers.append({
+                    "peerIP": peer.get("address", ""), "asNumber": peer.get("asn", 0),
+                    "state": peer.get("state", ""), "received": peer.get("received", 0),
+                    "advertisedPrefixes": sorted({r["prefix"] for r in advertised if r.get("peer") == peer.get("address")}),
+                })
+        return {
+            "ready": ready,
+            "reasons": reasons,
+            "podCIDRs": self.pod_cidrs(),
+            "endpoints": len(self._cni.endpoints()) if self._cni else 0,
+            "bgpPeers": peers,
+            "invalidPolicies": len(self._policy.report().get("invalid_policies") or []) if self._policy else 0,
+        }
+
+    async def _status_loop(self, interval: float = 10.0) -> None:
+        last: dict[str, Any] | None = None
+        while True:
+            status = self.node_status()
+            if status != last:
+                try:
+                    await self.datastore.write_status(self.node_name, status)
+                    last = status
+                except Exception as exc:  # the API may be down; try again next round
+                    log.warning("could not publish node status: %s", exc)
+            await asyncio.sleep(interval)
 
     # ---- local API -----------------------------------------------------------------------------------
 
