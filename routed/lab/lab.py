@@ -73,6 +73,7 @@ class Lab:
         state.save(self.paths)
         try:
             topology.build(state)
+            pods.install_plugin(self.paths)
             for node in state.nodes:
                 self._write_node(node)
                 self._write_agent_config(state, node)

@@ -25,12 +25,15 @@ class PodError(RuntimeError):
     pass
 
 
-def bin_dir() -> str:
-    return os.path.dirname(sys.executable)
+def install_plugin(paths: LabPaths) -> str:
+    """Install `routed-cni` for the lab's nodes as a deployment does (the launcher, not pip's console script)."""
+    from cni.launcher import write_launcher
+
+    return write_launcher(str(paths.cni_bin_dir / "routed-cni"))
 
 
-def cni_path() -> str:
-    return os.pathsep.join([bin_dir(), "/usr/lib/cni", "/opt/cni/bin"])
+def cni_path(paths: LabPaths) -> str:
+    return os.pathsep.join([str(paths.cni_bin_dir), "/usr/lib/cni", "/opt/cni/bin"])
 
 
 def netconf(paths: LabPaths, node: str) -> dict[str, Any]:
@@ -62,10 +65,10 @@ def exec_cni(
             f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
             f"K8S_POD_INFRA_CONTAINER_ID={pod.container_id}"
         ),
-        "CNI_PATH": cni_path(),
+        "CNI_PATH": cni_path(paths),
     }
     proc = subprocess.run(
-        [os.path.join(bin_dir(), "routed-cni")],
+        [str(paths.cni_bin_dir / "routed-cni")],
         input=json.dumps(netconf(paths, node)),
         capture_output=True,
         text=True,

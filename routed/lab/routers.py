@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,6 +217,7 @@ class FrrRouter(Router):
             lines.append(f" neighbor {n.address} advertisement-interval 0")
             if n.password:
                 lines.append(f" neighbor {n.address} password {n.password}")
+        shared = Counter(n.asn for n in self.neighbors)
         for fam in ("ipv4", "ipv6"):
             members = [n for n in self.neighbors if _family(n.address) == (4 if fam == "ipv4" else 6)]
             if not members:
@@ -228,6 +230,9 @@ class FrrRouter(Router):
             for n in members:
                 if fam == "ipv6":
                     lines.append(f"  neighbor {n.address} activate")
+                if n.asn != self.asn and shared[n.asn] > 1:
+                    # AS per rack: nodes sharing an AS would drop each other's routes (own AS in the path)
+                    lines.append(f"  neighbor {n.address} as-override")
                 if n.asn == self.asn:
                     lines.append(f"  neighbor {n.address} route-reflector-client")
                     lines.append(f"  neighbor {n.address} next-hop-self force")
@@ -254,8 +259,12 @@ class FrrRouter(Router):
         self._wait_for(os.path.join(self.workdir, "bgpd.vty"))
 
     def vtysh(self, command: str) -> str:
-        proc = ns_run(self.netns, ["vtysh", "-N", self._name(), "--vty_socket", self.workdir, "-c", command],
-                      check=False, timeout=10)
+        """Run vtysh against this instance; several lines become several -c (e.g. a config session)."""
+        args: list[str] = []
+        for line in command.splitlines():
+            if line.strip():
+                args += ["-c", line.strip()]
+        proc = ns_run(self.netns, ["vtysh", "--vty_socket", self.workdir, *args], check=False, timeout=10)
         if proc.returncode != 0:
             raise RouterError(f"vtysh {command!r}: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
@@ -367,11 +376,22 @@ class BirdRouter(Router):
 
 # ------------------------------------------------------------------------------------------------
 class GobgpRouter(Router):
-    """GoBGP: gobgpd with a TOML config. It has no kernel FIB of its own (that needs zebra), so
-    `kernel_routes()` still reads the namespace's kernel (empty of BGP routes) and `rib()` gives its RIB."""
+    """GoBGP: gobgpd with a TOML config. GoBGP has no FIB code of its own; it can install routes through FRR's
+    zebra (ZAPI), but GoBGP 3.10 crashes decoding FRR 8.4's ZAPI (tried software-name frr8…frr10), so that is
+    off by default (`use_zebra = True` to try with other versions). Without it the ToR's kernel has no BGP
+    routes: use `rib()` (GoBGP's RIB) to check what it learned; traffic through a GoBGP ToR is not forwarded."""
 
     kind = "gobgp"
     api_port = 50051
+    zebra_software = "frr8.2"
+    use_zebra = False
+
+    @property
+    def _zserv(self) -> str:
+        return os.path.join(self.workdir, "zserv.api")
+
+    def _use_zebra(self) -> bool:
+        return self.use_zebra and os.path.exists(os.path.join(FRR_DIR, "zebra"))
 
     def config_text(self) -> str:
         lines = [
@@ -382,6 +402,10 @@ class GobgpRouter(Router):
         ]
         if self.ecmp:
             lines += ["[global.use-multiple-paths.config]", "  enabled = true"]
+        if self._use_zebra():
+            lines += ["[zebra.config]", "  enabled = true", f'  url = "unix:{self._zserv}"', "  version = 6",
+                      f'  software-name = "{self.zebra_software}"', "  redistribute-route-type-list = []"]
+        shared = Counter(n.asn for n in self.neighbors)
         for n in self.neighbors:
             fam = "ipv4-unicast" if _family(n.address) == 4 else "ipv6-unicast"
             lines += [
@@ -398,6 +422,8 @@ class GobgpRouter(Router):
                 f"    hold-time = {self.hold_time}",
                 f"    keepalive-interval = {self.keepalive}",
             ]
+            if n.asn != self.asn and shared[n.asn] > 1:
+                lines += ["  [neighbors.as-path-options.config]", "    replace-peer-as = true"]
             if n.asn == self.asn:
                 lines += ["  [neighbors.route-reflector.config]", "    route-reflector-client = true",
                           f'    route-reflector-cluster-id = "{self.router_id}"']
@@ -416,6 +442,16 @@ class GobgpRouter(Router):
         conf = os.path.join(self.workdir, "gobgpd.toml")
         with open(conf, "w") as f:
             f.write(self.config_text())
+        if self._use_zebra():
+            zconf = os.path.join(self.workdir, "zebra.conf")
+            with open(zconf, "w") as f:
+                f.write(f"hostname {self.netns}\nlog file {os.path.join(self.workdir, 'zebra.log')}\n")
+            os.chmod(zconf, 0o644)
+            self._spawn([os.path.join(FRR_DIR, "zebra"), "-N", os.path.basename(self.workdir.rstrip("/")),
+                         "--vty_socket", self.workdir, "-u", "frr", "-g", "frr", "-P", "0", "-z", self._zserv,
+                         "-i", os.path.join(self.workdir, "zebra.pid"), "-f", zconf], "zebra")
+            self._wait_for(self._zserv)
+            os.chmod(self._zserv, 0o777)  # gobgpd (root) connects; zebra made it as frr
         self._spawn(["gobgpd", "-f", conf, "-p", "--api-hosts", f"127.0.0.1:{self.api_port}",
                      "--pprof-disable"], "gobgpd")
         deadline = time.monotonic() + 10

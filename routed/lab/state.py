@@ -45,6 +45,11 @@ class LabPaths:
     def agent_pid(self, node: str) -> Path:
         return self.node_dir(node) / "agent.pid"
 
+    @property
+    def cni_bin_dir(self) -> Path:
+        """Where the lab installs `routed-cni` (the fast launcher), as a node's /opt/cni/bin."""
+        return self.root / "cni-bin"
+
     def pod_dir(self) -> Path:
         return self.root / "pods"
 

@@ -1,0 +1,310 @@
+"""Kernel work for one pod attachment (routed veth, Calico-style), with pyroute2. Blocking: call from threads.
+
+Pod side (in CNI_NETNS): veth end named CNI_IFNAME, MTU, the pod IP as /32 (/128), a scope-link route to
+169.254.1.1 and the default route via it. Host side (the current netns, i.e. the node): veth `rtd<hash>`,
+proxy_arp=1, proxy_delay=0, forwarding=1, /32 route to the pod (protocol ROUTE_PROTO_LOCAL). Blackhole routes for the node's pod
+CIDR(s) (same protocol). Each call opens its own short-lived netlink handles (≈1 ms), so calls are thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni.names import is_host_veth_name
+from cni.netnsfd import NetnsGone, netlink_socket_in, open_netns
+from cni.result import POD_GATEWAY_V4, Interface
+from cni.rtnl import Rtnl, RtnlError
+from routed.constants import ROUTE_PROTO_LOCAL
+
+log = logging.getLogger(__name__)
+
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete request: match any scope (what `ip route del` sends)
+RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
+DEFAULT_MTU = 1500
+WIRED_FAMILIES = (4,)  # IP versions add_endpoint can configure today (IPv6: addresses/routes shaped, not wired)
+
+
+class WiringError(Exception):
+    pass
+
+
+class CheckError(WiringError):
+    pass
+
+
+@dataclass(frozen=True)
+class Wired:
+    host: Interface
+    pod: Interface
+
+
+@contextlib.contextmanager
+def host_handle() -> Iterator[IPRoute]:
+    ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+_local = threading.local()
+
+
+def thread_rtnl() -> Rtnl:
+    """A node-netns rtnetlink socket owned by the calling thread and kept for its lifetime (the agent's pool
+    threads are long-lived)."""
+    rt = getattr(_local, "rtnl", None)
+    if rt is None:
+        rt = _local.rtnl = Rtnl()
+    return rt
+
+
+@contextlib.contextmanager
+def pod_handle(netns_path: str) -> Iterator[IPRoute]:
+    fd = open_netns(netns_path)
+    try:
+        sock = netlink_socket_in(fd)
+    finally:
+        os.close(fd)
+    ipr = IPRoute(use_socket=sock)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+        sock.close()
+
+
+def _sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _link_index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _host_len(ip: str) -> int:
+    return ipaddress.ip_address(ip).max_prefixlen
+
+
+# -- node-level state ------------------------------------------------------------------------------
+def default_route_mtu() -> int:
+    """MTU of the interface carrying the default route of the current netns; 1500 if there is none."""
+    try:
+        with host_handle() as ipr:
+            for route in ipr.get_default_routes(family=2) or []:
+                oif = route.get("oif") or route.get("RTA_OIF")
+                if oif:
+                    links = ipr.get_links(oif)
+                    if links:
+                        return int(links[0].get("mtu") or DEFAULT_MTU)
+    except (NetlinkError, OSError) as exc:
+        log.warning("cannot read the uplink MTU (%s); using %d", exc, DEFAULT_MTU)
+    return DEFAULT_MTU
+
+
+def ensure_blackholes(cidrs: Sequence[str]) -> None:
+    """Blackhole routes (protocol ROUTE_PROTO_LOCAL) for exactly `cidrs`; our blackholes for other CIDRs go."""
+    wanted = {str(ipaddress.ip_network(c, strict=False)) for c in cidrs}
+    with host_handle() as ipr:
+        for family in (2, 10):
+            for route in ipr.get_routes(family=family, proto=ROUTE_PROTO_LOCAL, type=RTN_BLACKHOLE) or []:
+                dst = f"{route.get('dst')}/{route['dst_len']}"
+                if dst not in wanted:
+                    log.info("removing blackhole %s (no longer a pod CIDR of this node)", dst)
+                    with contextlib.suppress(NetlinkError):
+                        ipr.route("del", dst=dst, type=RTN_BLACKHOLE, proto=ROUTE_PROTO_LOCAL)
+        for dst in sorted(wanted):
+            ipr.route("replace", dst=dst, type=RTN_BLACKHOLE, proto=ROUTE_PROTO_LOCAL)
+
+
+def host_veths() -> dict[str, int]:
+    """Our host-side pod veths in the current netns: name -> index."""
+    with host_handle() as ipr:
+        out = {}
+        for link in ipr.get_links():
+            name = link.get("ifname") or ""
+            if is_host_veth_name(name):
+                out[name] = link["index"]
+        return out
+
+
+def local_pod_routes() -> list[tuple[str, int]]:
+    """Our per-pod routes (protocol ROUTE_PROTO_LOCAL, unicast): (dst "ip/len", oif)."""
+    out = []
+    with host_handle() as ipr:
+        for family in (2, 10):
+            for route in ipr.get_routes(family=family, proto=ROUTE_PROTO_LOCAL, type=RTN_UNICAST) or []:
+                out.append((f"{route.get('dst')}/{route['dst_len']}", int(route.get("oif") or 0)))
+    return out
+
+
+def delete_link(name: str) -> bool:
+    rt = thread_rtnl()
+    link = rt.get_link(name)
+    if link is None:
+        return False
+    with contextlib.suppress(RtnlError):
+        rt.del_link(link[0])
+    return True
+
+
+def delete_route(dst: str) -> None:
+    with host_handle() as ipr, contextlib.suppress(NetlinkError):
+        ipr.route("del", dst=dst, proto=ROUTE_PROTO_LOCAL, scope=RT_SCOPE_NOWHERE)
+
+
+# -- one attachment --------------------------------------------------------------------------------
+def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str], mtu: int) -> Wired:
+    """Create and configure the veth pair; on any failure undo everything done here and raise.
+
+    Hot path, raw rtnetlink (cni/rtnl.py): veth add with the host side up, get, route; in the pod: get, up,
+    address, 2 routes. The kernel's veth creation (~1.3 ms) is then most of the cost."""
+    nsfd = open_netns(netns_path)
+    created = False
+    host = thread_rtnl()
+    try:
+        try:
+            host.add_veth(host_name, mtu, ifname, nsfd)
+        except RtnlError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            stale = host.get_link(host_name)
+            if stale is None:
+                raise WiringError(f"interface {ifname} already exists in {netns_path}") from None
+            # left behind by a crashed ADD of the same attachment (the caller checked no endpoint owns it)
+            log.warning("removing stale host veth %s before re-creating it", host_name)
+            host.del_link(stale[0])
+            try:
+                host.add_veth(host_name, mtu, ifname, nsfd)
+            except RtnlError as exc2:
+                if exc2.errno == errno.EEXIST:
+                    raise WiringError(f"interface {ifname} already exists in {netns_path}") from None
+                raise
+        created = True
+        host_link = host.get_link(host_name)
+        if host_link is None:
+            raise WiringError(f"host veth {host_name} vanished right after creation")
+        host_idx, host_mac = host_link
+        _sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp", "1")
+        _sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/forwarding", "1")
+        # answer the pod's ARP for 169.254.1.1 at once (the default proxy_delay holds replies up to 0.8 s)
+        _sysctl(f"/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay", "0")
+        if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
+            _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/proxy_ndp", "1")
+            _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/forwarding", "1")
+        with Rtnl(netlink_socket_in(nsfd)) as pod:
+            pod_link = pod.get_link(ifname)
+            if pod_link is None:
+                raise WiringError(f"pod side {ifname} not found in {netns_path}")
+            pod_idx, pod_mac = pod_link
+            pod.set_up(pod_idx)
+            for ip in ips:
+                pod.add_addr(pod_idx, ip, _host_len(ip))
+                if ipaddress.ip_address(ip).version == 4:
+                    pod.route("add", POD_GATEWAY_V4, 32, oif=pod_idx, scope=RT_SCOPE_LINK)
+                    pod.route("add", "0.0.0.0", 0, oif=pod_idx, gateway=POD_GATEWAY_V4)
+                else:  # IPv6: default via the host veth's link-local (fe80::1 style gateway to come)
+                    raise WiringError("IPv6 pod wiring is not implemented yet")
+        for ip in ips:
+            host.route(
+                "replace", ip, _host_len(ip), oif=host_idx, scope=RT_SCOPE_LINK, proto=ROUTE_PROTO_LOCAL
+            )
+        return Wired(
+            host=Interface(name=host_name, mac=host_mac, mtu=mtu),
+            pod=Interface(name=ifname, mac=pod_mac, mtu=mtu, sandbox=netns_path),
+        )
+    except BaseException:
+        if created:
+            with contextlib.suppress(Exception):
+                delete_link(host_name)  # takes the peer, its addresses and our /32 routes with it
+        raise
+    finally:
+        os.close(nsfd)
+
+
+def del_endpoint(host_name: str, ips: Iterable[str]) -> None:
+    """Remove the veth pair (the peer goes with it) and our /32 routes. Missing pieces are fine."""
+    delete_link(host_name)
+    rt = thread_rtnl()
+    for ip in ips:
+        with contextlib.suppress(RtnlError):
+            rt.route("del", ip, _host_len(ip), scope=RT_SCOPE_NOWHERE, proto=ROUTE_PROTO_LOCAL)
+
+
+def detach_endpoint(host_name: str, ips: Iterable[str]) -> bool:
+    """The fast half of a DEL: drop our /32 routes and take the host veth down (the pod loses carrier), so no
+    packet reaches or leaves the pod any more. Deleting the veth costs the kernel ~20 ms (synchronize_net) and is
+    left to `delete_link`, which the caller runs after answering. Returns whether the link was there."""
+    rt = thread_rtnl()
+    for ip in ips:
+        with contextlib.suppress(RtnlError):
+            rt.route("del", ip, _host_len(ip), scope=RT_SCOPE_NOWHERE, proto=ROUTE_PROTO_LOCAL)
+    link = rt.get_link(host_name)
+    if link is None:
+        return False
+    with contextlib.suppress(RtnlError):
+        rt.set_up(link[0], up=False)
+    return True
+
+
+def check_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str]) -> None:
+    """Raise CheckError describing the first difference from what ADD created."""
+    with host_handle() as host:
+        host_idx = _link_index(host, host_name)
+        if host_idx is None:
+            raise CheckError(f"host veth {host_name} does not exist")
+        link = host.get_links(host_idx)[0]
+        if link.get("state") != "up" and not (link.get("flags", 0) & 1):
+            raise CheckError(f"host veth {host_name} is down")
+        for ip in ips:
+            routes = host.get_routes(
+                family=2 if ipaddress.ip_address(ip).version == 4 else 10, dst=ip, proto=ROUTE_PROTO_LOCAL
+            )
+            if not any(r.get("oif") == host_idx and r["dst_len"] == _host_len(ip) for r in routes or []):
+                raise CheckError(f"no route to {ip} via {host_name} (protocol {ROUTE_PROTO_LOCAL})")
+        try:
+            proxy = open(f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp").read().strip()
+        except OSError:
+            proxy = "?"
+        if proxy != "1":
+            raise CheckError(f"proxy_arp is {proxy} on {host_name}, want 1")
+    try:
+        with pod_handle(netns_path) as pod:
+            pod_idx = _link_index(pod, ifname)
+            if pod_idx is None:
+                raise CheckError(f"interface {ifname} does not exist in {netns_path}")
+            have = {
+                (a.get("address"), a["prefixlen"]) for a in pod.get_addr(index=pod_idx) or []
+            }
+            for ip in ips:
+                if (ip, _host_len(ip)) not in have:
+                    raise CheckError(f"{ifname} in {netns_path} lacks {ip}/{_host_len(ip)}")
+            if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
+                routes = pod.get_routes(family=2) or []
+                if not any(
+                    r.get("dst") == POD_GATEWAY_V4 and r.get("oif") == pod_idx and r["scope"] == RT_SCOPE_LINK
+                    for r in routes
+                ):
+                    raise CheckError(f"no scope-link route to {POD_GATEWAY_V4} on {ifname}")
+                if not any(
+                    r["dst_len"] == 0 and r.get("gateway") == POD_GATEWAY_V4 and r.get("oif") == pod_idx
+                    for r in routes
+                ):
+                    raise CheckError(f"no default route via {POD_GATEWAY_V4} on {ifname}")
+    except NetnsGone as exc:
+        raise CheckError(str(exc)) from None
