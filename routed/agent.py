@@ -282,7 +282,10 @@ class Agent:
         from routed.bgp.manager import BgpManager
 
         run_dir = os.path.join(self.config.state_dir, "bgp")
+        from routed.bgp.metrics import BgpCollector
+
         self._bgp = BgpManager(self.node_name, self.config.state_dir, run_dir, self.config.bgp)
+        metrics.REGISTRY.register(BgpCollector(self._bgp))
         await self._bgp.start()
         self._bgp_dirty.set()
         self._tasks.append(asyncio.create_task(self._bgp_loop(), name="bgp"))

@@ -59,7 +59,8 @@ def _prefix(msg: Any) -> str:
 
 
 class RouteTable:
-    def __init__(self, proto: int = ROUTE_PROTO_BGP, table: int = MAIN_TABLE) -> None:
+    def __init__(self, proto: int = ROUTE_PROTO_BGP, table: int = MAIN_TABLE, netns: str | None = None) -> None:
+        self.netns = netns  # None: the namespace this process runs in (the agent's node)
         self.proto = proto
         self.table = table
         self._ipr: AsyncIPRoute | None = None
@@ -67,7 +68,7 @@ class RouteTable:
 
     async def _conn(self) -> AsyncIPRoute:
         if self._ipr is None:
-            self._ipr = AsyncIPRoute()
+            self._ipr = AsyncIPRoute(netns=self.netns) if self.netns else AsyncIPRoute()
             await self._ipr.setup_endpoint()
         return self._ipr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 from routed.bgp.config import PeerConfig, SpeakerConfig
@@ -11,6 +12,20 @@ PROCESS_NAME = "routed"
 
 def _families(peer: PeerConfig) -> list[str]:
     return ["ipv4 unicast"] if peer.family == 4 else ["ipv6 unicast"]
+
+
+def _local_address(addresses: tuple[str, ...], peer: str) -> str:
+    """The node address sharing the longest prefix with the peer (its link address on a p2p/ToR subnet)."""
+    target = ipaddress.ip_address(peer)
+    best, best_len = "", -1
+    for a in addresses:
+        addr = ipaddress.ip_address(a)
+        if addr.version != target.version:
+            continue
+        common = addr.max_prefixlen - (int(addr) ^ int(target)).bit_length()
+        if common > best_len:
+            best, best_len = a, common
+    return best
 
 
 def _quote(s: str) -> str:
@@ -26,7 +41,7 @@ def render(cfg: SpeakerConfig, socket_path: str, python: str = sys.executable) -
         "",
     ]
     for peer in cfg.peers:
-        local = [a for a in cfg.local_addresses if (":" in a) == (peer.family == 6)]
+        local = _local_address(cfg.local_addresses, peer.address)
         lines += [
             f"neighbor {peer.address} {{",
             f"  description {_quote(peer.name)};",
@@ -38,7 +53,7 @@ def render(cfg: SpeakerConfig, socket_path: str, python: str = sys.executable) -
             "  group-updates false;",
         ]
         if local:
-            lines.append(f"  local-address {local[0]};")
+            lines.append(f"  local-address {local};")
         if peer.passive:
             lines.append("  passive true;")
         if peer.password:

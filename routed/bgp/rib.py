@@ -3,6 +3,7 @@ what was actually sent per peer (Adj-RIB-Out as ExaBGP reports it). Pure: no I/O
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -182,6 +183,18 @@ class Filters:
         return ""
 
 
+def _resolve_link_local(peer: str, route: Route) -> Route:
+    """An IPv6 next hop given only as link-local (FRR does that on a shared link) cannot be installed without
+    an interface; the directly connected peer's own address is the same router."""
+    try:
+        nh = ipaddress.ip_address(route.nexthop)
+        if nh.version == 6 and nh.is_link_local and ipaddress.ip_address(peer).version == 6:
+            return dataclasses.replace(route, nexthop=peer)
+    except ValueError:
+        pass
+    return route
+
+
 class Rib:
     """Adj-RIB-In per peer with filters; `desired()` gives prefix → next hops for the route table."""
 
@@ -195,12 +208,14 @@ class Rib:
         self.filters = filters
 
     def announce(self, peer: str, route: Route, now: float) -> None:
+        route = _resolve_link_local(peer, route)
         table = self.peers.setdefault(peer, {})
         current = table.get(route.prefix)
         table[route.prefix] = LearnedRoute(route, current.since if current and current.route == route else now)
         if current is None:
             limit = self.filters.max_prefixes.get(peer)
-            if limit is not None and self.accepted_count(peer) > limit:
+            eligible = sum(1 for lr in table.values() if not self.filters.reject_reason(lr.route))
+            if limit is not None and not self.filters.reject_reason(route) and eligible > limit:
                 self.max_prefix_hits[peer] = self.max_prefix_hits.get(peer, 0) + 1
                 if self.max_prefix_hits[peer] == 1 or self.max_prefix_hits[peer] % 100 == 0:
                     log.warning("peer %s exceeds maxPrefixes %d: ignoring %s (%d ignored so far)", peer, limit,

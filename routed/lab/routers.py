@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -378,8 +379,8 @@ class BirdRouter(Router):
 class GobgpRouter(Router):
     """GoBGP: gobgpd with a TOML config. GoBGP has no FIB code of its own; it can install routes through FRR's
     zebra (ZAPI), but GoBGP 3.10 crashes decoding FRR 8.4's ZAPI (tried software-name frr8…frr10), so that is
-    off by default (`use_zebra = True` to try with other versions). Without it the ToR's kernel has no BGP
-    routes: use `rib()` (GoBGP's RIB) to check what it learned; traffic through a GoBGP ToR is not forwarded."""
+    off by default (`use_zebra = True` to try with other versions). Instead a small loop
+    (routed/lab/gobgp_fib.py) copies GoBGP's RIB into the ToR's kernel, so traffic is forwarded."""
 
     kind = "gobgp"
     api_port = 50051
@@ -459,10 +460,12 @@ class GobgpRouter(Router):
             proc = ns_run(self.netns, ["gobgp", "-u", "127.0.0.1", "-p", str(self.api_port), "global"],
                           check=False, timeout=5)
             if proc.returncode == 0:
-                return
+                break
             if not self.running() or time.monotonic() > deadline:
                 raise RouterError(f"gobgpd in {self.netns} did not come up: {self.log_tail()}")
             time.sleep(0.05)
+        if not self._use_zebra():
+            self._spawn([sys.executable, "-m", "routed.lab.gobgp_fib", "--port", str(self.api_port)], "gobgp-fib")
 
     def gobgp(self, *args: str) -> str:
         proc = ns_run(self.netns, ["gobgp", "-u", "127.0.0.1", "-p", str(self.api_port), *args], check=False,

@@ -80,6 +80,7 @@ def build(state: LabState) -> None:
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.default.rp_filter", "0"),
             ("net.ipv4.fib_multipath_hash_policy", "1"),
+            ("net.ipv4.conf.all.ignore_routes_with_linkdown", "1"),  # a dead uplink leaves ECMP at once
         ):
             netns.sysctl(node.netns, key, value)
         gateways = []

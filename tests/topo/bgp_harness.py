@@ -19,9 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from routed.bgp.manager import BgpInputs, BgpManager  # noqa: E402
-from routed.config import BgpOptions  # noqa: E402
-from routed.model import Node  # noqa: E402
+from routed.bgp.manager import BgpInputs, BgpManager
+from routed.config import BgpOptions
+from routed.model import Node
 
 
 def inputs_from(spec: dict) -> BgpInputs | None:
@@ -74,8 +74,8 @@ async def main(spec_path: str, status_path: str) -> None:
                        "metrics": mgr.metrics_snapshot()}, f)
         os.replace(tmp, status_path)
         try:
-            await asyncio.wait_for(stop.wait(), 0.2)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(stop.wait(), float(spec.get("status_interval", 0.2)))
+        except TimeoutError:
             pass
     await mgr.stop(graceful=graceful["value"])
 

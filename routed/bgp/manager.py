@@ -1,0 +1,210 @@
+"""BgpManager: the facade the agent calls. Desired state in (`update`), speaker + route table underneath.
+
+Kernel routes (protocol ROUTE_PROTO_BGP) learned in a previous run are kept until every peer has sent
+End-of-RIB after (re)connecting, or `startup_hold` seconds passed; then stale ones are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from routed.bgp.config import Resolution, SpeakerConfig, resolve
+from routed.bgp.speaker import FAILURES_NOT_READY, Speaker
+from routed.config import BgpOptions
+from routed.model import Node
+from routed.routes import RouteTable
+
+log = logging.getLogger(__name__)
+
+APPLY_RETRY_MIN = 0.5
+APPLY_RETRY_MAX = 10.0
+DEFAULT_STARTUP_HOLD = 120.0
+
+
+@dataclass(frozen=True)
+class BgpInputs:
+    node: Node
+    nodes: list[Node]
+    peers: list[dict[str, Any]]
+    configs: list[dict[str, Any]]
+    secrets: dict[str, dict[str, Any]]  # "ns/name" -> Secret object
+
+
+class BgpManager:
+    def __init__(self, node_name: str, state_dir: str, run_dir: str, options: BgpOptions) -> None:
+        self.node_name = node_name
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.options = options
+        self.speaker = Speaker(run_dir, exabgp=options.exabgp, listen_port=options.listen_port)
+        self.routes = RouteTable()
+        self.config: SpeakerConfig | None = None
+        self.errors: list[str] = []
+        self._last_inputs: BgpInputs | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = 0.0
+        self._synced = False  # every peer sent End-of-RIB (or the hold expired): stale kernel routes may go
+        self.startup_hold = DEFAULT_STARTUP_HOLD
+        self.apply_errors = 0
+        self.route_applies = 0
+        self.installed: dict[str, frozenset[str]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._started = time.monotonic()
+        await self.speaker.start()
+        try:
+            self.installed = await self.routes.kernel()
+        except OSError as e:
+            log.warning("cannot read kernel routes: %s", e)
+        if self.installed:
+            log.info("%d BGP routes from a previous run kept until peers send End-of-RIB", len(self.installed))
+        self._task = asyncio.create_task(self._route_loop(), name="bgp-routes")
+
+    async def update(self, inputs: BgpInputs) -> None:
+        if inputs == self._last_inputs:
+            return
+        self._last_inputs = inputs
+        res: Resolution = resolve(inputs.node, inputs.nodes, inputs.peers, inputs.configs, inputs.secrets)
+        if res.errors != self.errors:
+            for e in res.errors:
+                if e not in self.errors:
+                    log.warning("BGP config: %s", e)
+        self.errors = res.errors
+        if res.config is None or res.config == self.config:
+            return
+        self.config = res.config
+        self.startup_hold = float(min(max(res.config.graceful_restart_time, 10), DEFAULT_STARTUP_HOLD))
+        self.speaker.configure(res.config)
+
+    async def stop(self, graceful: bool = True) -> None:
+        await self.speaker.stop(graceful=graceful)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if graceful:
+            try:
+                n = await self.routes.flush()
+                log.info("BGP stopped: %d learned routes removed", n)
+            except OSError as e:
+                log.warning("cannot flush BGP routes: %s", e)
+        await self.routes.close()
+
+    # -- route programming ------------------------------------------------------------------------
+    def _check_synced(self) -> bool:
+        if self._synced:
+            return True
+        if self.config is not None and self.config.peers and all(
+            self.speaker.peers.get(p.address) is not None and self.speaker.peers[p.address].eor_received
+            for p in self.config.peers
+        ):
+            log.info("every peer sent End-of-RIB: stale routes of the previous run may go")
+            self._synced = True
+        elif time.monotonic() - self._started > self.startup_hold:
+            log.info("startup hold of %.0fs over: stale routes of the previous run may go", self.startup_hold)
+            self._synced = True
+        elif self.config is not None and not self.config.peers:
+            self._synced = True
+        return self._synced
+
+    async def _route_loop(self) -> None:
+        delay = APPLY_RETRY_MIN
+        while True:
+            try:
+                await asyncio.wait_for(self.speaker.changed.wait(), timeout=1.0 if not self._synced else None)
+            except TimeoutError:
+                pass
+            self.speaker.changed.clear()
+            prune = self._check_synced()
+            desired = self.speaker.rib.desired()
+            res = await self.routes.apply(desired, prune=prune)
+            self.route_applies += 1
+            if res.errors:
+                self.apply_errors += 1
+                await asyncio.sleep(delay)
+                delay = min(APPLY_RETRY_MAX, delay * 2)
+                self.speaker.changed.set()
+            else:
+                delay = APPLY_RETRY_MIN
+            with contextlib.suppress(OSError):
+                self.installed = await self.routes.kernel()
+
+    # -- views ------------------------------------------------------------------------------------
+    def ready(self) -> tuple[bool, str]:
+        if self.config is None:
+            if self.errors:
+                return False, "; ".join(self.errors)
+            return False, "no BGP configuration for this node yet"
+        if not self.config.peers:
+            return True, "no BGP peers"
+        sp = self.speaker
+        if sp.failures >= FAILURES_NOT_READY:
+            return False, f"ExaBGP keeps failing ({sp.failures} times): {sp.last_exit}"
+        if not sp.running:
+            return False, "ExaBGP not running" + (f": {sp.last_exit}" if sp.last_exit else "")
+        if not sp.connected:
+            return False, "ExaBGP API bridge not connected"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        ok, why = self.ready()
+        cfg = self.config
+        return {
+            "node": self.node_name,
+            "ready": ok,
+            "reason": why,
+            "asn": cfg.asn if cfg else None,
+            "router_id": cfg.router_id if cfg else None,
+            "pod_cidrs": list(cfg.pod_cidrs) if cfg else [],
+            "communities": list(cfg.communities) if cfg else [],
+            "exabgp_pid": self.speaker.pid(),
+            "exabgp_restarts": self.speaker.restarts,
+            "synced": self._synced,
+            "errors": list(self.errors),
+            "peers": [self.speaker.peer_status(st) for st in self.speaker.peers.values()],
+            "routes_installed": len(self.installed),
+            "route_conflicts": list(self.routes.last.conflicts),
+            "route_errors": dict(self.routes.last.errors),
+        }
+
+    def advertised(self, peer: str | None = None) -> list[dict[str, Any]]:
+        """What ExaBGP reported it sent (prefix, nexthop, as_path, communities) per established peer."""
+        peers = [peer] if peer else sorted(self.speaker.peers)
+        out: list[dict[str, Any]] = []
+        for p in peers:
+            out += self.speaker.out.advertised(p)
+        return out
+
+    def received(self, peer: str | None = None) -> list[dict[str, Any]]:
+        peers = [peer] if peer else sorted(self.speaker.rib.peers)
+        out: list[dict[str, Any]] = []
+        for p in peers:
+            out += self.speaker.rib.received(p)
+        return out
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Flat metric name → value, or name → {label value: value} for per-peer metrics."""
+        sp = self.speaker
+        per_state = {a: (1 if st.state == "established" else 0) for a, st in sp.peers.items()}
+        return {
+            "routed_bgp_ready": 1 if self.ready()[0] else 0,
+            "routed_bgp_sessions_established": sum(per_state.values()),
+            "routed_bgp_peers": len(sp.peers),
+            "routed_bgp_peer_established": per_state,
+            "routed_bgp_peer_received_prefixes": {a: len(sp.rib.peers.get(a, {})) for a in sp.peers},
+            "routed_bgp_peer_accepted_prefixes": {a: sp.rib.accepted_count(a) for a in sp.peers},
+            "routed_bgp_peer_advertised_prefixes": {a: len(sp.out.peers.get(a, {})) for a in sp.peers},
+            "routed_bgp_peer_max_prefix_exceeded_total": dict(sp.rib.max_prefix_hits),
+            "routed_bgp_exabgp_starts_total": sp.restarts,
+            "routed_bgp_updates_received_total": sp.counters["updates_received"],
+            "routed_bgp_updates_sent_total": sp.counters["updates_sent"],
+            "routed_bgp_routes_installed": len(self.installed),
+            "routed_bgp_route_apply_errors_total": self.apply_errors,
+            "routed_bgp_config_errors": len(self.errors),
+        }

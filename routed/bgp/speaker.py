@@ -1,0 +1,457 @@
+"""The BGP speaker: ExaBGP as a supervised child, driven over its API through routed.bgp.bridge.
+
+- ExaBGP runs with a generated config in the run dir and PR_SET_PDEATHSIG=SIGKILL, so an agent crash kills it
+  without a NOTIFICATION: peers that are graceful-restart helpers keep our routes while we come back.
+- Its stdout (logs) and the bridge socket are read continuously; it is restarted with exponential backoff.
+- Announcements are per peer (`neighbor X announce route P next-hop self community [...]`); on every session
+  up the peer's announcements are replayed and End-of-RIB is sent (manual-eor).
+- Received updates go into the Rib (filters, max-prefix, GR staleness); `changed` is set whenever the
+  learned routes may have changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routed.bgp import exabgp_conf
+from routed.bgp.config import PeerConfig, SpeakerConfig
+from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # an ExaBGP that ran this long resets the backoff
+FAILURES_NOT_READY = 3
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()
+
+
+def default_exabgp() -> str:
+    return str(Path(sys.executable).parent / "exabgp")
+
+
+@dataclass
+class PeerState:
+    address: str
+    asn: int
+    name: str
+    state: str = "idle"  # idle | connected | established | down
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+    gr_time: int = 0  # peer's restart time from its OPEN (0: no graceful restart)
+    eor_received: bool = False
+    eor_sent: bool = False
+    ups: int = 0
+    updates_received: int = 0
+    announced: dict[str, str] = field(default_factory=dict)  # prefix -> exact command sent
+
+    def set_state(self, state: str, now: float) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = now
+
+
+class Speaker:
+    def __init__(self, run_dir: str, exabgp: str = "", listen_port: int = 0) -> None:
+        self.run_dir = run_dir
+        self.exabgp = exabgp or default_exabgp()
+        self.listen_port = listen_port
+        self.socket_path = os.path.join(run_dir, "exabgp-api.sock")
+        self.conf_path = os.path.join(run_dir, "exabgp.conf")
+        self.pid_path = os.path.join(run_dir, "exabgp.pid")
+        self.cfg: SpeakerConfig | None = None
+        self.rib = Rib()
+        self.out = AdjRibOut()
+        self.peers: dict[str, PeerState] = {}
+        self.changed = asyncio.Event()  # learned routes or EoR state changed
+        self.restarts = 0
+        self.failures = 0  # consecutive short-lived runs
+        self.last_exit = ""
+        self.log_tail: deque[str] = deque(maxlen=200)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._restart = asyncio.Event()
+        self._stopping = False
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at = time.time()
+        self.counters: dict[str, int] = {"updates_received": 0, "updates_sent": 0, "commands_sent": 0}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._kill_leftover()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self._server = await asyncio.start_unix_server(self._on_bridge, path=self.socket_path)
+        os.chmod(self.socket_path, 0o600)
+        self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
+
+    def _kill_leftover(self) -> None:
+        """An ExaBGP of a previous run that survived (it should not: PDEATHSIG) — only if it is ours."""
+        try:
+            pid = int(Path(self.pid_path).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.conf_path.encode() in cmdline:
+            log.warning("killing leftover ExaBGP pid %d", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def stop(self, graceful: bool = True) -> None:
+        self._stopping = True
+        if graceful and self._writer is not None:
+            for peer in self.peers.values():
+                for prefix in list(peer.announced):
+                    self._send(self._withdraw_cmd(peer.address, prefix))
+                peer.announced.clear()
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and any(
+                self.out.peers.get(p.address) for p in self.peers.values() if p.state == "established"
+            ):
+                await asyncio.sleep(0.05)
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM if graceful else signal.SIGKILL)
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        for t in list(self._tasks):
+            t.cancel()
+        for h in self._timers.values():
+            h.cancel()
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    # -- configuration ----------------------------------------------------------------------------
+    def configure(self, cfg: SpeakerConfig) -> None:
+        old = self.cfg
+        self.cfg = cfg
+        self.rib.set_filters(Filters(
+            own_asn=cfg.asn, own_cidrs=cfg.pod_cidrs, own_addresses=cfg.local_addresses,
+            accept_default=cfg.accept_default,
+            max_prefixes={p.address: p.max_prefixes for p in cfg.peers if p.max_prefixes},
+        ))
+        wanted = {p.address: p for p in cfg.peers}
+        for addr in list(self.peers):
+            if addr not in wanted:
+                del self.peers[addr]
+                self.rib.clear(addr)
+                self.out.clear(addr)
+        for addr, p in wanted.items():
+            st = self.peers.get(addr)
+            if st is None:
+                self.peers[addr] = PeerState(address=addr, asn=p.asn, name=p.name)
+            else:
+                st.asn, st.name = p.asn, p.name
+        if old is None or old.session_key() != cfg.session_key():
+            Path(self.conf_path).write_text(exabgp_conf.render(cfg, self.socket_path))
+            log.info("ExaBGP config written (%d peers); (re)starting ExaBGP", len(cfg.peers))
+            self._restart.set()
+        else:
+            self._sync_announcements()
+        self.changed.set()
+
+    def desired_announcements(self, peer: PeerConfig) -> dict[str, str]:
+        assert self.cfg is not None
+        out: dict[str, str] = {}
+        std = [c for c in self.cfg.communities if c.count(":") == 1]
+        large = [c for c in self.cfg.communities if c.count(":") == 2]
+        for cidr in self.cfg.pod_cidrs:
+            if (":" in cidr) != (peer.family == 6):
+                continue
+            cmd = f"neighbor {peer.address} announce route {cidr} next-hop self"
+            if std:
+                cmd += f" community [ {' '.join(std)} ]"
+            if large:
+                cmd += f" large-community [ {' '.join(large)} ]"
+            out[cidr] = cmd
+        return out
+
+    @staticmethod
+    def _withdraw_cmd(peer: str, prefix: str) -> str:
+        return f"neighbor {peer} withdraw route {prefix} next-hop self"
+
+    def _sync_announcements(self, only: str | None = None, replay: bool = False) -> None:
+        """Bring each peer's announcements to the desired set (replay: resend everything)."""
+        if self.cfg is None or self._writer is None:
+            return
+        for p in self.cfg.peers:
+            if only is not None and p.address != only:
+                continue
+            st = self.peers[p.address]
+            want = self.desired_announcements(p)
+            for prefix in list(st.announced):
+                if prefix not in want:
+                    self._send(self._withdraw_cmd(p.address, prefix))
+                    del st.announced[prefix]
+            for prefix, cmd in want.items():
+                if replay or st.announced.get(prefix) != cmd:
+                    self._send(cmd)
+                    st.announced[prefix] = cmd
+
+    def _send(self, line: str) -> None:
+        if self._writer is None:
+            return
+        log.debug("-> exabgp: %s", line)
+        self._writer.write((line + "\n").encode())
+        self.counters["commands_sent"] += 1
+
+    # -- ExaBGP process ---------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stopping:
+            if self.cfg is None or not self.cfg.peers:
+                self._restart.clear()
+                await self._restart.wait()
+                continue
+            self._restart.clear()
+            env = dict(os.environ)
+            env.update(exabgp_conf.environment(self.cfg, self.listen_port, self.pid_path))
+            started = time.monotonic()
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    self.exabgp, self.conf_path, env=env, cwd=self.run_dir,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_pdeathsig,
+                )
+            except OSError as e:
+                self.last_exit = f"cannot start {self.exabgp}: {e}"
+                log.error("%s", self.last_exit)
+                self.failures += 1
+            else:
+                self.restarts += 1
+                log.info("ExaBGP started, pid %d", self._proc.pid)
+                reader = asyncio.create_task(self._read_logs(self._proc))
+                waiter = asyncio.create_task(self._proc.wait())
+                restart = asyncio.create_task(self._restart.wait())
+                done, _ = await asyncio.wait({waiter, restart}, return_when=asyncio.FIRST_COMPLETED)
+                if restart in done and self._proc.returncode is None:
+                    # config change: kill hard (no NOTIFICATION) so GR helpers keep our routes
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                restart.cancel()
+                await self._proc.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader, 2.0)
+                code = self._proc.returncode
+                self._on_exabgp_gone()
+                if self._stopping:
+                    return
+                if restart in done:
+                    backoff = BACKOFF_MIN
+                    self.failures = 0
+                    continue
+                ran = time.monotonic() - started
+                self.last_exit = f"ExaBGP exited with {code} after {ran:.1f}s: " + " | ".join(
+                    list(self.log_tail)[-3:])
+                log.warning("%s", self.last_exit)
+                if ran > STABLE_AFTER:
+                    backoff = BACKOFF_MIN
+                    self.failures = 0
+                else:
+                    self.failures += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._restart.wait(), backoff)
+            backoff = min(BACKOFF_MAX, backoff * 2)
+
+    async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            if not text:
+                continue
+            self.log_tail.append(text)
+            log.debug("exabgp: %s", text)
+            self._note_log(text)
+
+    def _note_log(self, text: str) -> None:
+        low = text.lower()
+        for addr, st in self.peers.items():
+            if addr in text and any(w in low for w in ("fail", "error", "refused", "timed out", "timeout",
+                                                        "closing", "notification")):
+                st.last_error = text.split(None, 1)[-1][:300]
+
+    def _on_exabgp_gone(self) -> None:
+        self._proc = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        now = time.time()
+        for st in self.peers.values():
+            if st.state in ("established", "connected"):
+                self._peer_down(st, "ExaBGP restarted", now)
+            st.announced.clear()
+
+    # -- bridge -----------------------------------------------------------------------------------
+    async def _on_bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = writer
+        log.info("ExaBGP API bridge connected")
+        for st in self.peers.values():
+            st.announced.clear()
+        self._sync_announcements(replay=True)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    self.handle(parse_message(line), time.time())
+                except Exception:
+                    log.exception("cannot handle ExaBGP message %r", line[:300])
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+
+    # -- messages ---------------------------------------------------------------------------------
+    def handle(self, msg: Message, now: float) -> None:
+        st = self.peers.get(msg.peer) if msg.peer else None
+        if msg.type == "state" and st is not None:
+            if msg.state == "up":
+                st.set_state("established", now)
+                st.ups += 1
+                st.eor_received = False
+                st.last_error = ""
+                self._sync_announcements(only=st.address, replay=True)
+                self._send_eor(st)
+            elif msg.state == "down":
+                st.last_error = msg.reason or st.last_error
+                self._peer_down(st, msg.reason, now)
+            elif msg.state == "connected":
+                st.set_state("connected", now)
+        elif msg.type == "open" and st is not None and msg.direction == "receive":
+            st.gr_time = msg.gr_time or 0
+        elif msg.type == "notification" and st is not None:
+            st.last_error = f"notification: {msg.reason}"
+        elif msg.type == "update" and st is not None:
+            if msg.direction == "send":
+                if msg.eor is None:
+                    self.out.record(msg, now)
+                    self.counters["updates_sent"] += 1
+                return
+            st.updates_received += 1
+            self.counters["updates_received"] += 1
+            if msg.eor is not None:
+                st.eor_received = True
+                dropped = self.rib.drop_stale(st.address)
+                self._cancel_timer(st.address)
+                if dropped:
+                    log.info("peer %s End-of-RIB: %d stale routes dropped", st.address, dropped)
+            for prefix in msg.withdraw:
+                self.rib.withdraw(st.address, prefix)
+            for route in msg.announce:
+                self.rib.announce(st.address, route, now)
+            self.changed.set()
+
+    def _send_eor(self, st: PeerState) -> None:
+        fam = "ipv6" if ":" in st.address else "ipv4"
+        self._send(f"neighbor {st.address} announce eor {fam} unicast")
+        st.eor_sent = True
+
+    def _peer_down(self, st: PeerState, reason: str, now: float) -> None:
+        st.set_state("down", now)
+        st.eor_sent = False
+        self.out.clear(st.address)
+        gr = st.gr_time or (self.cfg.graceful_restart_time if self.cfg else 0)
+        # a NOTIFICATION (clean close) ends graceful restart; a lost connection keeps stale routes
+        clean = "notification" in (reason or "").lower() or "shutdown" in (reason or "").lower()
+        if st.gr_time and not clean:
+            n = self.rib.mark_stale(st.address)
+            if n:
+                log.info("peer %s down (%s): keeping %d routes as stale for %ds", st.address, reason, n, gr)
+                self._set_timer(st.address, gr)
+        else:
+            self.rib.clear(st.address)
+        self.changed.set()
+
+    def _set_timer(self, peer: str, seconds: float) -> None:
+        self._cancel_timer(peer)
+        loop = asyncio.get_running_loop()
+        self._timers[peer] = loop.call_later(seconds, self._stale_expired, peer)
+
+    def _cancel_timer(self, peer: str) -> None:
+        h = self._timers.pop(peer, None)
+        if h is not None:
+            h.cancel()
+
+    def _stale_expired(self, peer: str) -> None:
+        self._timers.pop(peer, None)
+        n = self.rib.drop_stale(peer)
+        if n:
+            log.info("peer %s: graceful-restart timer expired, %d stale routes dropped", peer, n)
+            self.changed.set()
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def peer_status(self, st: PeerState) -> dict[str, Any]:
+        pc = self.cfg.peer(st.address) if self.cfg else None
+        error = st.last_error
+        if st.state != "established" and pc is not None and pc.password and not error:
+            error = "session not established; TCP-MD5 is configured: a password mismatch looks like this"
+        elif st.state != "established" and not error and self.last_exit and not self.running:
+            error = self.last_exit
+        return {
+            "address": st.address,
+            "name": st.name,
+            "asn": st.asn,
+            "state": st.state,
+            "since": st.since,
+            "received": len(self.rib.peers.get(st.address, {})),
+            "accepted": self.rib.accepted_count(st.address),
+            "advertised": len(self.out.peers.get(st.address, {})),
+            "eor_received": st.eor_received,
+            "eor_sent": st.eor_sent,
+            "graceful_restart_time": st.gr_time,
+            "max_prefixes": pc.max_prefixes if pc else None,
+            "max_prefix_exceeded": self.rib.max_prefix_hits.get(st.address, 0),
+            "md5": bool(pc and pc.password),
+            "last_error": error,
+        }

@@ -1,0 +1,77 @@
+"""The real `routed agent` (manifest datastore) driving BgpManager, against an FRR ToR."""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+import yaml
+from bgp_topo import ROOT, BgpTopo, wait_for
+
+from routed import netns
+
+pytestmark = [pytest.mark.topo, pytest.mark.netns]
+ROUTED = os.path.join(ROOT, ".venv", "bin", "routed")
+
+
+@pytest.fixture
+def topo(request):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not os.path.exists(ROUTED) or not shutil.which("vtysh"):
+        pytest.skip("routed agent or FRR missing")
+    t = BgpTopo("rtd-bgp-agent", nodes=2)
+    procs: list[subprocess.Popen] = []
+    request.addfinalizer(lambda: _cleanup(t, procs))
+    t.build()
+    t.start_tor()
+    t.agent_procs = procs
+    return t
+
+
+def _cleanup(t, procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+    t.cleanup()
+
+
+def start_agent(t, i):
+    mdir = os.path.join(t.workdir, "manifests")
+    os.makedirs(mdir, exist_ok=True)
+    with open(os.path.join(mdir, "bgp.yaml"), "w") as f:
+        yaml.safe_dump_all(t.objects(), f)
+    state = os.path.join(t.workdir, f"agent{i}")
+    os.makedirs(state, exist_ok=True)
+    env = dict(os.environ, ROUTED_POLICY__ENABLED="false")
+    log = open(os.path.join(t.workdir, f"node{i}.log"), "ab")
+    cmd = [ROUTED, "agent", "--node", f"node{i}", "--datastore", "manifest", "--manifest-dir", mdir,
+           "--state-dir", state, "--socket", os.path.join(state, "agent.sock"), "--http-listen", ""]
+    p = subprocess.Popen(netns.ns_cmd(t.node_ns(i), cmd), stdout=log, stderr=subprocess.STDOUT, env=env)
+    log.close()
+    t.agent_procs.append(p)
+    return p
+
+
+def test_agent_announces_and_learns(topo):
+    for i in (1, 2):
+        start_agent(topo, i)
+    try:
+        wait_for(lambda: "10.244.1.0/24" in topo.tor_routes() and "10.244.2.0/24" in topo.tor_routes(), 40,
+                 what="both CIDRs on the ToR")
+        wait_for(lambda: "10.244.2.0/24" in topo.node_routes(1), 20, what="node1 learns node2")
+        wait_for(lambda: "10.244.1.0/24" in topo.node_routes(2), 20, what="node2 learns node1")
+    except AssertionError:
+        print(topo.logs())
+        raise
+    # clean agent stop withdraws
+    p = topo.agent_procs[1]
+    p.send_signal(signal.SIGTERM)
+    p.wait(15)
+    wait_for(lambda: "10.244.2.0/24" not in topo.tor_routes(), 10, what="withdraw after agent stop")

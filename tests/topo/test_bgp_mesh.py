@@ -1,0 +1,62 @@
+"""Node-to-node mesh: nodes on one L2 segment (a bridge in the "switch" namespace), no ToR router; every node
+learns every other node's CIDR with that node as next hop."""
+
+import os
+
+import pytest
+from bgp_topo import BgpTopo, wait_for
+
+from routed import netns
+
+pytestmark = [pytest.mark.topo, pytest.mark.netns]
+
+
+class MeshTopo(BgpTopo):
+    @staticmethod
+    def node_addr(i, t=1):
+        return f"10.1.0.{i + 1}"
+
+    def build(self):
+        netns.delete_all(self.prefix)
+        sw = self.tor_ns(1)
+        netns.create(sw)
+        netns.ns_run(sw, ["ip", "link", "add", "br0", "type", "bridge"])
+        netns.ns_run(sw, ["ip", "link", "set", "br0", "up"])
+        for i in range(1, self.n + 1):
+            ns = self.node_ns(i)
+            netns.create(ns)
+            netns.ns_run(ns, ["ip", "addr", "add", f"10.244.{i}.1/32", "dev", "lo"])
+            netns.veth(sw, f"n{i}", ns, "t1")
+            netns.ns_run(sw, ["ip", "link", "set", f"n{i}", "master", "br0"])
+            netns.ns_run(ns, ["ip", "addr", "add", f"{self.node_addr(i)}/24", "dev", "t1"])
+
+    def objects(self):
+        objs = [o for o in super().objects() if o["kind"] != "BGPPeer"]
+        for o in objs:
+            if o["kind"] == "BGPConfiguration":
+                o["spec"]["nodeToNodeMesh"] = True
+        return objs
+
+
+def test_mesh(request):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    topo = MeshTopo("rtd-bgp-mesh", nodes=3)
+    request.addfinalizer(topo.cleanup)
+    topo.build()
+    for i in (1, 2, 3):
+        topo.start_node(i)
+    try:
+        def full() -> bool:
+            return all(len(topo.node_routes(i)) == 2 for i in (1, 2, 3))
+
+        wait_for(full, 30, what="full mesh routes")
+    except AssertionError:
+        print(topo.logs())
+        raise
+    assert topo.node_routes(1)["10.244.2.0/24"] == [topo.node_addr(2)]
+    st = topo.status(2)["status"]
+    assert sorted(p["name"] for p in st["peers"]) == ["mesh:node1", "mesh:node3"]
+    wait_for(lambda: all(p["state"] == "established" for p in topo.status(2)["status"]["peers"]), 15,
+             what="node2's sessions established")
+    assert topo.ping(1, 3).returncode == 0
