@@ -89,13 +89,19 @@ def render_routes(data: Any) -> str:
 
 def render_explain(data: dict[str, Any]) -> str:
     verdict = "ALLOWED" if data.get("allowed") else "DENIED"
-    lines = [verdict]
+    src_pod = (data.get("egress") or {}).get("pod")
+    dst_pod = (data.get("ingress") or {}).get("pod")
+    src = f"{src_pod} ({data.get('src')})" if src_pod else str(data.get("src"))
+    dst = f"{dst_pod} ({data.get('dst')})" if dst_pod else str(data.get("dst"))
+    lines = [f"{verdict}  {src} -> {dst} {data.get('protocol')}/{data.get('port')}"]
     for key in ("egress", "ingress"):
-        part = data.get(key)
-        if part:
-            lines.append(f"  {key}: {part if isinstance(part, str) else json.dumps(part)}")
-    if data.get("reason"):
-        lines.append(f"  reason: {data['reason']}")
+        part = data.get(key) or {}
+        if isinstance(part, dict):
+            who = part.get("pod") or "not a local pod"
+            state = "allowed" if part.get("allowed") else "denied"
+            lines.append(f"  {key:<7} ({who}): {state} - {part.get('reason', '')}")
+    for note in data.get("notes") or []:
+        lines.append(f"  note: {note}")
     return "\n".join(lines) + "\n"
 
 
