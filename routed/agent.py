@@ -32,7 +32,7 @@ def make_datastore(config: AgentConfig) -> Datastore:
     if config.datastore == "kube":
         from routed.datastore.kube import KubeDatastore
 
-        return KubeDatastore(kubeconfig=config.kubeconfig, node_name=config.node_name)
+        return KubeDatastore(kubeconfig=config.kubeconfig, namespace=config.kube_namespace, node_name=config.node_name)
     from routed.datastore.manifest import ManifestDatastore
 
     return ManifestDatastore(config.manifest_dir)

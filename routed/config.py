@@ -37,6 +37,7 @@ class AgentConfig(BaseModel):
     datastore: Literal["manifest", "kube"] = "manifest"
     manifest_dir: str = ""  # for datastore=manifest
     kubeconfig: str = ""  # for datastore=kube; empty: in-cluster
+    kube_namespace: str = "routed-system"  # the agent's own namespace (Secrets for BGP passwords)
     state_dir: str = DEFAULT_STATE_DIR
     socket_path: str = DEFAULT_SOCKET
     http_listen: str = "127.0.0.1:9099"  # /healthz /readyz /metrics; empty disables

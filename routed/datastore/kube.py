@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -176,6 +177,7 @@ class KubeDatastore(Datastore):
         backoff_max: float = 30.0,
         batch_window: float = 0.05,
         request_timeout: float = 30.0,
+        all_nodes: bool = True,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
@@ -185,6 +187,8 @@ class KubeDatastore(Datastore):
         self.backoff_max = backoff_max
         self.batch_window = batch_window
         self.request_timeout = request_timeout
+        # All Nodes are needed for the node-to-node mesh; without it, only this node (field selector).
+        self.all_nodes = all_nodes or not node_name
         self._api: k8s.ApiClient | None = None
         self._watchers: dict[str, _Watcher] = {}
         self._stop = threading.Event()
@@ -214,8 +218,12 @@ class KubeDatastore(Datastore):
             return lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, plural, **kw)
 
         ns = self.namespace
+        node_list: Callable[..., Any] = core.list_node
+        if not self.all_nodes:
+            selector = f"metadata.name={self.node_name}"
+            node_list = lambda **kw: core.list_node(field_selector=selector, **kw)  # noqa: E731
         return [
-            KindSpec("Node", core.list_node, trim_node),
+            KindSpec("Node", node_list, trim_node),
             KindSpec("Namespace", core.list_namespace, trim_namespace),
             KindSpec("Pod", core.list_pod_for_all_namespaces, trim_pod),
             KindSpec("NetworkPolicy", net.list_network_policy_for_all_namespaces, trim_network_policy),
@@ -281,6 +289,19 @@ class KubeDatastore(Datastore):
         w = self._watchers.get(kind)
         return w.snapshot() if w else {}
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per kind: objects, resourceVersion, listings done, watch streams opened, watching now."""
+        return {
+            kind: {
+                "objects": len(w.view),
+                "resourceVersion": w.resource_version,
+                "relists": w.relists,
+                "watches": w.watches,
+                "watching": w.watching,
+            }
+            for kind, w in self._watchers.items()
+        }
+
     def interrupt_watch(self, kind: str, resource_version: str | None = None) -> None:
         """Drop one kind's watch connection (tests: optionally resume from a given, e.g. stale, version)."""
         w = self._watchers[kind]
@@ -298,31 +319,32 @@ class KubeDatastore(Datastore):
         plural = "routednodestatuses"
         body = dict(status)
         body.setdefault("lastUpdate", dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        # JSON patch "add" on /status replaces the whole status (a merge patch would keep stale keys).
+        patch = [{"op": "add", "path": "/status", "value": body}]
+
+        def write() -> None:
+            custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, plural, node_name, patch, _content_type="application/json-patch+json"
+            )
+
         try:
-            custom.get_cluster_custom_object(GROUP, VERSION, plural, node_name)
+            write()
+            return
         except ApiException as e:
             if e.status != 404:
                 raise
-            obj = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "RoutedNodeStatus",
-                "metadata": {"name": node_name},
-                "spec": {"nodeName": node_name},
-            }
-            try:
-                custom.create_cluster_custom_object(GROUP, VERSION, plural, obj)
-            except ApiException as ce:
-                if ce.status != 409:
-                    raise
-        # JSON patch "add" on /status replaces the whole status (a merge patch would keep stale keys).
-        custom.patch_cluster_custom_object_status(
-            GROUP,
-            VERSION,
-            plural,
-            node_name,
-            [{"op": "add", "path": "/status", "value": body}],
-            _content_type="application/json-patch+json",
-        )
+        obj = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RoutedNodeStatus",
+            "metadata": {"name": node_name},
+            "spec": {"nodeName": node_name},
+        }
+        try:
+            custom.create_cluster_custom_object(GROUP, VERSION, plural, obj)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        write()
 
 
 class _Watcher:
@@ -338,6 +360,11 @@ class _Watcher:
         self.resource_version = ""
         self.need_list = True
         self.listed_once = False
+        self.relists = 0  # completed listings (the first one included)
+        self.watches = 0  # watch streams opened
+        self.watching = False  # a watch stream is open right now
+        self.received = 0  # watch events received (bookmarks included)
+        self.failures = 0  # consecutive errors; the first is logged as a warning, the rest at debug level
         self._lock = threading.Lock()
         self._resp: Any = None
         self._thread = threading.Thread(target=self._loop, name=f"kube-watch-{spec.kind}", daemon=True)
@@ -366,28 +393,37 @@ class _Watcher:
             try:
                 if self.need_list:
                     self._relist()
+                started, seen = time.monotonic(), self.received
                 self._watch()
-                delay = self.ds.backoff_initial
-                continue
+                if time.monotonic() - started > 1.0 or self.received > seen:
+                    delay = self.ds.backoff_initial
+                    continue
+                # A watch that closed at once without any event: do not spin, back off like an error.
             except Gone:
                 log.info("%s: resourceVersion %s expired, relisting", kind, self.resource_version)
                 self.need_list = True
                 continue
             except ApiException as e:
                 if e.status == 410:
+                    log.info("%s: resourceVersion %s gone (410), relisting", kind, self.resource_version)
                     self.need_list = True
                     continue
+                self.failures += 1
                 if e.status == 404 and self.spec.optional:
-                    log.warning("%s: not served (CRD missing?); treating as empty, retrying", kind)
                     if not self.listed_once:
+                        log.warning("%s: not served (CRD missing?); treating as empty, retrying", kind)
                         self.listed_once = True
                         self.emit(kind, [], True)
                 else:
-                    log.warning("%s: API error %s %s", kind, e.status, e.reason)
+                    log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
+                            "%s: API error %s %s (retrying with backoff)", kind, e.status, e.reason)
             except Exception as e:  # any transport error: keep state, retry
                 if self.ds._stop.is_set():
                     break
-                log.warning("%s: watch failed: %s", kind, e.__class__.__name__ + ": " + str(e)[:200])
+                self.failures += 1
+                log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
+                        "%s: list/watch failed (keeping last state, retrying with backoff): %s: %s",
+                        kind, e.__class__.__name__, str(e)[:200])
             if self.ds._stop.wait(delay * random.uniform(0.5, 1.5)):
                 break
             delay = min(delay * 2, self.ds.backoff_max)
@@ -422,6 +458,7 @@ class _Watcher:
             self.need_list = False
         first = not self.listed_once
         self.listed_once = True
+        self.relists += 1
         if events or first:
             self.emit(self.spec.kind, events, first)
         log.debug("%s: listed %d objects at %s (%d changes)", self.spec.kind, len(items), rv, len(events))
@@ -436,12 +473,19 @@ class _Watcher:
             _request_timeout=(10, timeout + 30),
         )
         self._resp = resp
+        self.watches += 1
+        self.watching = True
+        if self.failures:
+            log.info("%s: watching again after %d failed attempts", self.spec.kind, self.failures)
+            self.failures = 0
         try:
             for line in _lines(resp):
                 if self.ds._stop.is_set():
                     return
+                self.received += 1
                 self._handle(json.loads(line))
         finally:
+            self.watching = False
             self._resp = None
             with contextlib.suppress(Exception):
                 resp.release_conn()
