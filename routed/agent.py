@@ -314,25 +314,33 @@ class Agent:
     # ---- node status object -------------------------------------------------------------------------
 
     def node_status(self) -> dict[str, Any]:
-        """What this node publishes about itself: readiness, endpoints, BGP sessions and what it advertises."""
+        """What this node publishes about itself (RoutedNodeStatus.status): readiness, BGP sessions and the
+        prefixes it actually advertised."""
         ready, reasons = self.readiness()
-        peers = []
-        if self._bgp is not None:
-            advertised = self._bgp.advertised(None)
-            for peer in self._bgp.status().get("peers", []):
-                peers.append({
-                    "peerIP": peer.get("address", ""), "asNumber": peer.get("asn", 0),
-                    "state": peer.get("state", ""), "received": peer.get("received", 0),
-                    "advertisedPrefixes": sorted({r["prefix"] for r in advertised if r.get("peer") == peer.get("address")}),
-                })
-        return {
+        status: dict[str, Any] = {
             "ready": ready,
             "reasons": reasons,
             "podCIDRs": self.pod_cidrs(),
             "endpoints": len(self._cni.endpoints()) if self._cni else 0,
-            "bgpPeers": peers,
             "invalidPolicies": len(self._policy.report().get("invalid_policies") or []) if self._policy else 0,
         }
+        if self._bgp is not None:
+            bgp = self._bgp.status()
+            advertised = self._bgp.advertised(None)
+            peers = [
+                {"name": p.get("name", ""), "address": p.get("address", ""), "asNumber": p.get("asn", 0),
+                 "state": p.get("state", ""), "since": str(p.get("since") or ""),
+                 "prefixesReceived": p.get("received", 0), "prefixesSent": p.get("advertised", 0)}
+                for p in bgp.get("peers", [])
+            ]
+            status |= {
+                "asNumber": bgp.get("asn") or 0,
+                "routerID": bgp.get("router_id") or "",
+                "peers": peers,
+                "peersEstablished": sum(1 for p in peers if p["state"] == "established"),
+                "advertised": sorted({r["prefix"] for r in advertised}),
+            }
+        return status
 
     async def _status_loop(self, interval: float = 10.0) -> None:
         last: dict[str, Any] | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from routed.lab import manifests
 from routed.lab.routers import Neighbor, Router, make_router
 from routed.lab.state import LabState, TorState
 
@@ -67,8 +66,9 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
 
 
 def start_routers(lab: Any, state: LabState) -> None:
+    store = lab.store(state)
     for obj in bgp_objects(state):
-        manifests.write_object(lab.paths.cluster_dir, obj)
+        store.write(obj)
     for tor in state.tors:
         router = _router(lab, tor, state)
         router.start(tor.netns, tor.asn, tor.address, router.neighbors, graceful_restart=True, ecmp=True)

@@ -23,6 +23,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
                     help="ToR router: static routes, or a real BGP router")
     up.add_argument("--tors", type=int, choices=[1, 2], default=1, help="2: every node dual-homed (ECMP)")
     up.add_argument("--topology", choices=["as-per-node", "as-per-rack", "ibgp"], default="as-per-node")
+    up.add_argument("--datastore", choices=["manifest", "kube"], default="manifest",
+                    help="kube: a real kube-apiserver holds every object; agents use deploy/'s RBAC")
     cmds.add_parser("down", help="remove the lab (and any leftovers of a crashed one)")
     st = cmds.add_parser("status", help="nodes, agents, ToR routes, pods")
     st.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -40,7 +42,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    out = [f"lab {status['lab']} (ToR: {status['tor']})", "", "NODES"]
+    out = [f"lab {status['lab']} (ToR: {status['tor']}, datastore: {status.get('datastore', 'manifest')})", "",
+           "NODES"]
     out.append(table(
         [{**n, "reasons": "" if n["ready"] else "; ".join(n["reasons"])} for n in status["nodes"]],
         ["name", "address", "pod_cidr", "asn", "ready", "endpoints", "reasons"],
@@ -95,7 +98,8 @@ def run_lab(args: argparse.Namespace) -> int:
     lab = Lab(args.name)
     try:
         if args.lab_cmd == "up":
-            lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology)
+            lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology,
+                   datastore=args.datastore)
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":

@@ -22,6 +22,7 @@ import yaml
 from routed import api, netns
 from routed.lab import manifests, pods, topology
 from routed.lab.state import LabPaths, LabState, PodState
+from routed.lab.store import ClusterStore, KubeStore, ManifestStore
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +61,33 @@ class Lab:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
+    def store(self, state: LabState | None = None) -> ClusterStore:
+        state = state or self.state()
+        if state.datastore == "kube":
+            return KubeStore(state.control_plane["netns"], str(self.paths.kube_dir / "admin.kubeconfig"))
+        return ManifestStore(self.paths.cluster_dir)
+
     def state(self) -> LabState:
         if not LabState.exists(self.paths):
             raise LabError(f"lab {self.name!r} is not up (run: routed lab up)")
         return LabState.load(self.paths)
 
     def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "static", tors: int = 1,
-           topology_kind: str = "as-per-node") -> LabState:
+           topology_kind: str = "as-per-node", datastore: str = "manifest") -> LabState:
         self.down(quiet=True)
-        state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor)
+        state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor, datastore=datastore)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         state.save(self.paths)
         try:
             topology.build(state)
             pods.install_plugin(self.paths)
+            if datastore == "kube":
+                from routed.lab import kube_setup
+
+                kube_setup.start_control_plane(self, state)
+            store = self.store(state)
             for node in state.nodes:
-                self._write_node(node)
+                store.write(self._node_object(node))
                 self._write_agent_config(state, node)
             self._start_routers(state)
             self._start_supervisor()
@@ -98,8 +110,8 @@ class Lab:
             log.info("removed namespaces: %s", " ".join(removed))
         return removed
 
-    def _write_node(self, node: Any) -> None:
-        obj = {
+    def _node_object(self, node: Any) -> dict[str, Any]:
+        return {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {
@@ -111,21 +123,25 @@ class Lab:
             "status": {"addresses": [{"type": "InternalIP", "address": up["address"]} for up in node.uplinks]
                        + [{"type": "Hostname", "address": node.name}]},
         }
-        manifests.write_object(self.paths.cluster_dir, obj)
 
     def _write_agent_config(self, state: LabState, node: Any) -> None:
         node_dir = self.paths.node_dir(node.name)
         node_dir.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "node_name": node.name,
-            "datastore": "manifest",
-            "manifest_dir": str(self.paths.cluster_dir),
+            "datastore": state.datastore,
             "state_dir": str(node_dir / "state"),
             "socket_path": self.paths.node_socket(node.name),
             "http_listen": "127.0.0.1:9099",
             "log_file": str(node_dir / "agent.log"),
             "bgp": {"enabled": state.tor_kind != "static"},
         }
+        if state.datastore == "kube":
+            from routed.lab import kube_setup
+
+            config["kubeconfig"] = kube_setup.agent_kubeconfig(self, state, node.name)
+        else:
+            config["manifest_dir"] = str(self.paths.cluster_dir)
         self.paths.node_config(node.name).write_text(yaml.safe_dump(config, sort_keys=False))
 
     def _start_routers(self, state: LabState) -> None:
@@ -191,29 +207,28 @@ class Lab:
 
     def apply(self, file: str) -> list[str]:
         state = self.state()
+        store = self.store(state)
         done: list[str] = []
         objects = manifests.load_objects(file)
         known_namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
         for obj in objects:
             if obj["kind"] == "Pod":
                 continue
-            manifests.write_object(self.paths.cluster_dir, obj)
+            store.write(obj)
             done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} configured")
         for obj in objects:
             if obj["kind"] != "Pod":
                 continue
             ns = obj["metadata"]["namespace"]
-            if ns not in known_namespaces and manifests.read_object(
-                self.paths.cluster_dir, {"kind": "Namespace", "metadata": {"name": ns}}
-            ) is None:
-                manifests.write_object(self.paths.cluster_dir, {"apiVersion": "v1", "kind": "Namespace",
-                                                                "metadata": {"name": ns}})
+            namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+            if ns not in known_namespaces and store.read(namespace) is None:
+                store.write(namespace)
                 known_namespaces.add(ns)
-            done.append(self._apply_pod(state, obj))
+            done.append(self._apply_pod(state, store, obj))
             state.save(self.paths)
         return done
 
-    def _apply_pod(self, state: LabState, obj: dict[str, Any]) -> str:
+    def _apply_pod(self, state: LabState, store: ClusterStore, obj: dict[str, Any]) -> str:
         meta = obj["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
         node = (obj.get("spec") or {}).get("nodeName") or self._least_loaded_node(state)
@@ -223,16 +238,16 @@ class Lab:
         if existing is not None:
             if existing.node != node:
                 raise LabError(f"pod {key}: spec.nodeName cannot change ({existing.node} -> {node}); delete it first")
-            manifests.write_object(self.paths.cluster_dir, pods.pod_object_with_status(obj, existing))
+            store.write(pods.pod_object_with_status(obj, existing))
             return f"pod/{key} configured"
-        manifests.write_object(self.paths.cluster_dir, obj)  # the API object exists before the sandbox
+        store.write(obj)  # the API object exists before the sandbox
         pod = pods.new_pod(self.name, meta["namespace"], meta["name"], node, manifests.container_ports(obj))
         try:
             pods.create(self.paths, pod)
         except Exception:
-            manifests.delete_object(self.paths.cluster_dir, obj)
+            store.delete(obj)
             raise
-        manifests.write_object(self.paths.cluster_dir, pods.pod_object_with_status(obj, pod))
+        store.write_status(obj, pods.pod_object_with_status(obj, pod)["status"])
         state.pods[key] = pod
         return f"pod/{key} created on {node} with IP {', '.join(pod.ips)}"
 
@@ -244,6 +259,7 @@ class Lab:
 
     def delete(self, file: str) -> list[str]:
         state = self.state()
+        store = self.store(state)
         done: list[str] = []
         for obj in manifests.load_objects(file):
             if obj["kind"] == "Pod":
@@ -251,7 +267,7 @@ class Lab:
                 pod = state.pods.pop(key, None)
                 if pod is not None:
                     pods.destroy(self.paths, pod)
-            if manifests.delete_object(self.paths.cluster_dir, obj):
+            if store.delete(obj):
                 done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} deleted")
             state.save(self.paths)
         return done
@@ -270,6 +286,8 @@ class Lab:
         for tor in state.tors:
             if tor.name == ref:
                 return tor.netns
+        if ref == "ctl" and state.control_plane:
+            return state.control_plane["netns"]
         raise LabError(f"no node, ToR or pod called {ref!r}")
 
     def status(self) -> dict[str, Any]:
@@ -297,7 +315,8 @@ class Lab:
              "ports": [f"{x['port']}/{x['protocol']}" for x in p.ports]}
             for p in state.pods.values()
         ]
-        return {"lab": self.name, "tor": state.tor_kind, "nodes": nodes, "tors": tors, "pods": pod_rows}
+        return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "nodes": nodes, "tors": tors,
+                "pods": pod_rows}
 
     def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,
                timeout: float = 1.0) -> list[dict[str, Any]]:

@@ -50,6 +50,11 @@ class LabPaths:
         """Where the lab installs `routed-cni` (the fast launcher), as a node's /opt/cni/bin."""
         return self.root / "cni-bin"
 
+    @property
+    def kube_dir(self) -> Path:
+        """The lab's API server and etcd state (datastore kube)."""
+        return self.root / "kube"
+
     def pod_dir(self) -> Path:
         return self.root / "pods"
 
@@ -98,6 +103,8 @@ class LabState:
     lab: str
     tor_kind: str = "static"
     topology: str = "as-per-node"
+    datastore: str = "manifest"  # manifest | kube
+    control_plane: dict[str, str] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
     pods: dict[str, PodState] = field(default_factory=dict)
@@ -121,6 +128,8 @@ class LabState:
             lab=data["lab"],
             tor_kind=data.get("tor_kind", "static"),
             topology=data.get("topology", "as-per-node"),
+            datastore=data.get("datastore", "manifest"),
+            control_plane=data.get("control_plane", {}),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],
             pods={k: PodState(**p) for k, p in data.get("pods", {}).items()},

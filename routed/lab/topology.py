@@ -24,12 +24,18 @@ def node_name(index: int) -> str:
     return f"node{index}"
 
 
-def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor_kind: str = "static") -> LabState:
+CONTROL_PLANE = {"ifname": "eth0", "address": "10.10.0.1", "tor_ifname": "ctl", "tor_address": "10.10.0.0"}
+
+
+def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor_kind: str = "static",
+         datastore: str = "manifest") -> LabState:
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"--nodes must be between 1 and {MAX_NODES}")
     if tors not in (1, 2):
         raise ValueError("a lab has one or two ToRs")
-    state = LabState(lab=lab, tor_kind=tor_kind, topology=topology)
+    state = LabState(lab=lab, tor_kind=tor_kind, topology=topology, datastore=datastore)
+    if datastore == "kube":  # the API server lives in its own namespace behind ToR 1, like a control-plane host
+        state.control_plane = {**CONTROL_PLANE, "netns": f"rtd-{lab}-ctl", "tor": "tor1"}
     for k in range(tors):
         state.tors.append(
             TorState(name=f"tor{k + 1}", netns=f"rtd-{lab}-tor{k + 1}", asn=TOR_ASN + k if topology != "ibgp" else TOR_ASN,
@@ -97,6 +103,14 @@ def build(state: LabState) -> None:
             for up in gateways:
                 hops += ["nexthop", "via", up["tor_address"], "dev", up["ifname"]]
             netns.run(["ip", "-n", node.netns, "route", "add", "default", *hops])
+    if state.control_plane:
+        ctl = state.control_plane
+        tor = next(t for t in state.tors if t.name == ctl["tor"])
+        netns.create(ctl["netns"])
+        netns.veth(ctl["netns"], ctl["ifname"], tor.netns, ctl["tor_ifname"])
+        netns.run(["ip", "-n", ctl["netns"], "addr", "add", f"{ctl['address']}/31", "dev", ctl["ifname"]])
+        netns.run(["ip", "-n", tor.netns, "addr", "add", f"{ctl['tor_address']}/31", "dev", ctl["tor_ifname"]])
+        netns.run(["ip", "-n", ctl["netns"], "route", "add", "default", "via", ctl["tor_address"]])
     if state.tor_kind == "static":
         install_static_routes(state)
 
