@@ -1,0 +1,54 @@
+"""Deterministic names for our chains and ipsets: prefix `rtd` + stable hash, within kernel limits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+PREFIX = "rtd"
+MAX_CHAIN = 28
+MAX_IPSET = 31
+COMMENT_PREFIX = "rtd:"
+
+# Fixed chains (hooked from the built-in chains of the filter table).
+CHAIN_FORWARD = "rtd-FORWARD"
+CHAIN_INPUT = "rtd-INPUT"
+CHAIN_FROM_DISPATCH = "rtd-from-wl-dispatch"
+CHAIN_TO_DISPATCH = "rtd-to-wl-dispatch"
+IPSET_HOST = "rtd-host-ips"
+IPSET_TMP_PREFIX = "rtd-tmp-"
+
+
+def short_hash(text: str, length: int = 16) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode().lower().rstrip("=")[:length]
+
+
+def _checked(name: str, limit: int) -> str:
+    if len(name) > limit:
+        raise ValueError(f"name {name!r} longer than {limit}")
+    return name
+
+
+def policy_chain(policy_key: str, direction: str) -> str:
+    kind = "pi" if direction == "Ingress" else "pe"
+    return _checked(f"{PREFIX}-{kind}-{short_hash(policy_key, 20)}", MAX_CHAIN)
+
+
+def endpoint_chain(host_ifname: str, direction: str) -> str:
+    """direction: 'from' (traffic the workload sends) or 'to' (traffic it receives)."""
+    kind = "fw" if direction == "from" else "tw"
+    return _checked(f"{PREFIX}-{kind}-{short_hash(host_ifname, 20)}", MAX_CHAIN)
+
+
+def ipset_name(kind: str, identity: str) -> str:
+    """kind: one letter ('s' selector, 'n' ipBlock, 'p' named port)."""
+    return _checked(f"{PREFIX}-{kind}-{short_hash(identity, 24)}", MAX_IPSET)
+
+
+def tmp_ipset_name(name: str) -> str:
+    return _checked(IPSET_TMP_PREFIX + short_hash(name, 20), MAX_IPSET)
+
+
+def rule_hash(chain: str, previous: str, rule: str) -> str:
+    return short_hash(f"{chain}\0{previous}\0{rule}", 16)

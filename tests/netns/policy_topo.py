@@ -1,0 +1,150 @@
+"""A one-node topology for the policy tests, wired like routed's CNI.
+
+node namespace: host veths `rtd` + 11 hex (proxy_arp, /32 route per pod), forwarding on, an uplink to an
+"outside" namespace (remote pods / ipBlock addresses 10.99.0.1 and 10.99.1.1). Pods: eth0 with a /32
+and a default route via 169.254.1.1 onlink; each runs policy_pod_server.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from routed import netns
+from routed.model import ContainerPort, Endpoint, Namespace, Pod
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = os.path.join(REPO, ".venv", "bin", "python")
+TCP_PORTS = (80, 8080, 9000, 9001, 9002, 9003)
+UDP_PORTS = (53, 5353)
+NODE_IP = "192.168.250.1"
+OUTSIDE_LINK_IP = "192.168.250.2"
+OUTSIDE_IPS = ("10.99.0.1", "10.99.1.1")
+
+
+def host_veth(prefix: str, name: str) -> str:
+    return "rtd" + hashlib.sha256(f"{prefix}/{name}".encode()).hexdigest()[:11]
+
+
+@dataclass
+class TestPod:
+    namespace: str
+    name: str
+    ip: str
+    ns: str  # network namespace
+    host_if: str
+    labels: dict[str, str] = field(default_factory=dict)
+    ports: tuple[ContainerPort, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def pod(self) -> Pod:
+        return Pod(self.namespace, self.name, dict(self.labels), "node", (self.ip,), self.ports)
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.name, "eth0", netns.netns_path(self.ns), self.host_if, (self.ip,), self.namespace,
+                        self.name)
+
+
+class PolicyTopo:
+    def __init__(self, prefix: str) -> None:
+        assert prefix.startswith("rtd-pol")
+        self.prefix = prefix
+        self.node = f"{prefix}-node"
+        self.outside = f"{prefix}-out"
+        self.pods: dict[str, TestPod] = {}
+        self.servers: list[subprocess.Popen[bytes]] = []
+
+    def up(self) -> PolicyTopo:
+        netns.delete_all(self.prefix)
+        netns.create(self.node)
+        netns.create(self.outside)
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"):
+            netns.ns_run(self.node, ["sysctl", "-qw", key])
+        netns.veth(self.node, "ext0", self.outside, "eth0")
+        netns.ns_run(self.node, ["ip", "addr", "add", f"{NODE_IP}/30", "dev", "ext0"])
+        netns.ns_run(self.node, ["ip", "route", "add", "default", "via", OUTSIDE_LINK_IP])
+        netns.ns_run(self.outside, ["ip", "addr", "add", f"{OUTSIDE_LINK_IP}/30", "dev", "eth0"])
+        for ip in OUTSIDE_IPS:
+            netns.ns_run(self.outside, ["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
+        netns.ns_run(self.outside, ["ip", "route", "add", "10.244.0.0/16", "via", NODE_IP])
+        self._serve(self.outside, (*OUTSIDE_IPS, OUTSIDE_LINK_IP))
+        return self
+
+    def _serve(self, ns: str, addrs: tuple[str, ...]) -> None:
+        cmd = netns.ns_cmd(ns, [PYTHON, os.path.join(REPO, "tests/netns/policy_pod_server.py"),
+                                ",".join(map(str, TCP_PORTS)), ",".join(map(str, UDP_PORTS)), ",".join(addrs)])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        self.servers.append(proc)
+
+    def add_pod(self, namespace: str, name: str, ip: str, labels: dict[str, str] | None = None,
+                ports: tuple[ContainerPort, ...] = ()) -> TestPod:
+        ns = f"{self.prefix}-{name}"
+        host_if = host_veth(self.prefix, name)
+        netns.create(ns)
+        netns.veth(self.node, host_if, ns, "eth0")
+        netns.ns_run(ns, ["ip", "addr", "add", f"{ip}/32", "dev", "eth0"])
+        netns.ns_run(ns, ["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])
+        netns.ns_run(ns, ["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0", "onlink"])
+        netns.ns_run(self.node, ["sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1"])
+        # proxy ARP answers are delayed up to 0.8 s by default (neigh proxy_delay); Calico sets 0 too
+        netns.ns_run(self.node, ["sysctl", "-qw", f"net.ipv4.neigh.{host_if}.proxy_delay=0"])
+        netns.ns_run(self.node, ["ip", "route", "add", f"{ip}/32", "dev", host_if])
+        self._serve(ns, (ip,))
+        pod = TestPod(namespace, name, ip, ns, host_if, dict(labels or {}), ports)
+        self.pods[name] = pod
+        return pod
+
+    def down(self) -> None:
+        for proc in self.servers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.servers.clear()
+        netns.delete_all(self.prefix)
+
+    # -- probing ------------------------------------------------------------------------------------------
+    def probe(self, src_ns: str, targets: list[tuple]) -> list[bool]:
+        out = netns.ns_run(src_ns, [PYTHON, os.path.join(REPO, "tests/netns/policy_probe.py"),
+                                    json.dumps([list(t) for t in targets])], timeout=30)
+        return json.loads(out.stdout)
+
+    def reach(self, src: str, dst_ip: str, port: int, proto: str = "TCP") -> bool:
+        src_ns = self.outside if src == "outside" else self.pods[src].ns
+        return self.probe(src_ns, [(dst_ip, port, proto)])[0]
+
+    def matrix(self, checks: list[tuple[str, str, int, str]]) -> list[bool]:
+        """checks: (src pod name | 'outside', dst ip, port, proto); grouped per source, run in parallel."""
+        by_src: dict[str, list[int]] = {}
+        for i, (src, *_rest) in enumerate(checks):
+            by_src.setdefault(src, []).append(i)
+        result = [False] * len(checks)
+        for src, idxs in by_src.items():
+            src_ns = self.outside if src == "outside" else self.pods[src].ns
+            got = self.probe(src_ns, [checks[i][1:] for i in idxs])
+            for i, ok in zip(idxs, got, strict=True):
+                result[i] = ok
+        return result
+
+    def wait_reach(self, src: str, dst_ip: str, port: int, proto: str, want: bool, deadline: float = 5.0) -> bool:
+        """Poll until reachability equals `want`; True if it did before the deadline."""
+        end = time.monotonic() + deadline
+        while True:
+            got = self.reach(src, dst_ip, port, proto)
+            if got == want:
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+
+    def namespaces(self, labels: dict[str, dict[str, str]]) -> list[Namespace]:
+        names = {p.namespace for p in self.pods.values()} | set(labels)
+        return [Namespace(n, dict(labels.get(n, {}))) for n in sorted(names)]

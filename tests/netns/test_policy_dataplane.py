@@ -1,0 +1,204 @@
+"""Dataplane properties on a real kernel: writer equivalence, kill -9 atomicity, sweeping, idempotence."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from policy.calc import PolicyInputs
+from routed import netns
+from routed.model import ContainerPort, Endpoint, Namespace, Pod
+from tests.netns.policy_harness import RemoteController, once_cmd
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+PREFIX = "rtd-pol-dpl"
+
+
+def synthetic(n_endpoints: int, n_policies: int, seed: int) -> PolicyInputs:
+    rnd = random.Random(seed)
+    namespaces = [Namespace(f"ns{i}", {"team": f"t{i % 3}"}) for i in range(4)]
+    pods, endpoints = [], []
+    for i in range(n_endpoints + 40):
+        ns = f"ns{i % 4}"
+        ip = f"10.244.{i // 250}.{i % 250 + 2}"
+        pod = Pod(ns, f"p{i}", {"app": f"a{i % 7}", "tier": rnd.choice(["fe", "be"])}, "node", (ip,),
+                  (ContainerPort(8000 + i % 5, "TCP", "web"),))
+        pods.append(pod)
+        if i < n_endpoints:
+            endpoints.append(Endpoint(f"c{i}", "eth0", "", f"rtd{i:011x}", (ip,), ns, pod.name))
+    policies = []
+    for j in range(n_policies):
+        peer = rnd.choice([{"podSelector": {"matchLabels": {"app": f"a{rnd.randrange(7)}"}}},
+                           {"namespaceSelector": {"matchLabels": {"team": f"t{rnd.randrange(3)}"}}},
+                           {"ipBlock": {"cidr": f"10.{rnd.randrange(256)}.0.0/16", "except": []}}])
+        port = rnd.choice([{"port": 80}, {"port": "web"}, {"port": 9000, "endPort": 9100, "protocol": "UDP"},
+                           {"protocol": "SCTP", "port": 7}])
+        spec = {"podSelector": {"matchLabels": {"app": f"a{rnd.randrange(7)}"}},
+                "ingress": [{"from": [peer], "ports": [port]}],
+                "egress": [{"to": [peer]}] if rnd.random() < 0.5 else []}
+        if spec["egress"]:
+            spec["policyTypes"] = ["Ingress", "Egress"]
+        policies.append({"metadata": {"name": f"pol{j}", "namespace": f"ns{j % 4}"}, "spec": spec})
+    return PolicyInputs(namespaces, pods, policies, endpoints, ["192.168.250.1"])
+
+
+def ruleset(ns: str, backend: str = "nft", counters: bool = False) -> list[str]:
+    cmd = [f"iptables-{backend}-save", "-t", "filter"] + (["-c"] if counters else [])
+    out = netns.ns_run(ns, cmd).stdout
+    return [ln for ln in out.splitlines() if ln and not ln.startswith("#")]
+
+
+def sets(ns: str) -> list[str]:
+    lines = netns.ns_run(ns, ["ipset", "save"]).stdout.splitlines()
+    return sorted(re.sub(r" initval 0x[0-9a-f]+", "", ln) for ln in lines)
+
+
+@pytest.fixture(scope="module")
+def spaces():
+    netns.delete_all(PREFIX)
+    made: list[str] = []
+
+    def make(tag: str) -> str:
+        name = f"{PREFIX}-{tag}"
+        netns.create(name)
+        made.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            netns.delete(name)
+        netns.delete_all(PREFIX)
+
+
+def test_both_writers_same_kernel_state(spaces):
+    a, b = spaces("wa"), spaces("wb")
+    inputs = synthetic(30, 25, seed=1)
+    changed = synthetic(30, 25, seed=2)
+    ctl_a = RemoteController(a, iptables_writer="restore", iptables_backend="legacy")
+    ctl_b = RemoteController(b, iptables_writer="iptc")
+    try:
+        for inp in (inputs, changed, inputs):  # cold, then incremental both ways
+            ra, rb = ctl_a.call("sync", inp), ctl_b.call("sync", inp)
+            assert ra.ok and rb.ok, (ra.error, rb.error)
+            assert rb.backend == "legacy"
+            assert ruleset(a, "legacy") == ruleset(b, "legacy")
+            assert sets(a) == sets(b)
+            assert len(ruleset(a, "legacy")) > 100
+            assert ctl_b.call("sync", inp).iptables_ops == 0  # iptc writer is idempotent too
+    finally:
+        ctl_a.close()
+        ctl_b.close()
+
+
+def test_sweep_leftovers_and_keep_foreign_rules(spaces):
+    ns = spaces("sw")
+    netns.ns_run(ns, ["ipset", "create", "rtd-s-stale", "hash:ip"])
+    netns.ns_run(ns, ["iptables-nft-restore", "--noflush"], check=True)
+    script = ("*filter\n:rtd-stale - [0:0]\n:other - [0:0]\n-A rtd-stale -j DROP\n"
+              "-A FORWARD -m comment --comment rtd:old -j rtd-stale\n-A FORWARD -s 1.2.3.4/32 -j other\nCOMMIT\n")
+    subprocess.run(netns.ns_cmd(ns, ["iptables-nft-restore", "--noflush"]), input=script, text=True, check=True)
+    ctl = RemoteController(ns)
+    try:
+        assert ctl.call("sync", synthetic(5, 5, seed=3)).ok
+        lines = ruleset(ns)
+        assert not any("rtd-stale" in ln for ln in lines)
+        assert "-A FORWARD -s 1.2.3.4/32 -j other" in lines and ":other - [0:0]" in lines
+        assert lines.index(next(ln for ln in lines if ln.startswith("-A FORWARD"))).__class__ is int
+        assert next(ln for ln in lines if ln.startswith("-A FORWARD")).endswith("-j rtd-FORWARD")  # hook first
+        assert not any("rtd-s-stale" in ln for ln in sets(ns))
+        ctl.call("remove_all")
+        lines = ruleset(ns)
+        assert not any("rtd" in ln for ln in lines), lines
+        assert "-A FORWARD -s 1.2.3.4/32 -j other" in lines
+        assert sets(ns) == []
+    finally:
+        ctl.close()
+
+
+def test_idempotent_counters_survive(spaces):
+    ns = spaces("idem")
+    ctl = RemoteController(ns)
+    try:
+        inputs = synthetic(20, 10, seed=4)
+        assert ctl.call("sync", inputs).changed
+        before = ruleset(ns, counters=True)
+        report = ctl.call("sync", inputs)
+        assert report.ok and not report.changed and report.iptables_ops == 0 and report.ipset_ops == 0
+        assert ruleset(ns, counters=True) == before
+        # one policy changes: only its chain's rules are rewritten
+        changed = PolicyInputs(inputs.namespaces, inputs.pods,
+                               inputs.policies[:-1] + [dict(inputs.policies[-1], spec={"podSelector": {}})],
+                               inputs.endpoints, inputs.node_ips)
+        report = ctl.call("sync", changed)
+        assert 0 < report.iptables_ops < report.rules / 2
+    finally:
+        ctl.close()
+
+
+def _settle(ns: str, deadline: float = 10.0) -> None:
+    """Wait until no process is left in the namespace (an orphaned iptables-restore finishing)."""
+    end = time.monotonic() + deadline
+    while netns.pids(ns):
+        assert time.monotonic() < end, "processes left in namespace"
+        time.sleep(0.01)
+
+
+def _write(inputs: PolicyInputs) -> str:
+    fd, path = tempfile.mkstemp(prefix="rtd-pol-", suffix=".pickle")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(inputs, f)
+    return path
+
+
+@pytest.mark.parametrize("writer,backend", [("restore", "nft"), ("restore", "legacy"), ("iptc", "legacy")])
+def test_kill9_mid_apply_is_old_or_new(spaces, writer, backend):
+    ref, ns = spaces(f"kr{writer[0]}{backend[0]}"), spaces(f"kk{writer[0]}{backend[0]}")
+    old, new = synthetic(60, 40, seed=5), synthetic(60, 40, seed=6)
+    files = [_write(old), _write(new)]
+    opts = {"iptables_writer": writer, "iptables_backend": backend}
+    try:
+        subprocess.run(once_cmd(ref, files[1], **opts), check=True)
+        want_new = ruleset(ref, backend)
+        want_new_sets = sets(ref)
+        subprocess.run(once_cmd(ref, files[0], **opts), check=True)
+        want_old = ruleset(ref, backend)
+        assert want_old != want_new
+        t0 = time.monotonic()
+        subprocess.run(once_cmd(ns, files[1], **opts), check=True)
+        full = time.monotonic() - t0
+        rnd = random.Random(7)
+        seen = {"old": 0, "new": 0}
+        for _ in range(25):
+            subprocess.run(once_cmd(ns, files[0], **opts), check=True)
+            assert ruleset(ns, backend) == want_old
+            proc = subprocess.Popen(once_cmd(ns, files[1], **opts))
+            time.sleep(rnd.uniform(0.0, full))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            _settle(ns)
+            got = ruleset(ns, backend)
+            assert got in (want_old, want_new), "half-applied ruleset after kill -9"
+            seen["old" if got == want_old else "new"] += 1
+        subprocess.run(once_cmd(ns, files[1], **opts), check=True)
+        final = ruleset(ns, backend)
+        assert final == want_new and len(final) == len(set(final)) + final.count("COMMIT") - 1
+        assert sets(ns) == want_new_sets
+        assert seen["old"] > 0 or seen["new"] > 0
+    finally:
+        for f in files:
+            os.unlink(f)
