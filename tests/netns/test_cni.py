@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cni_support import (
+from routed import netns
+from tests.netns.cni_support import (
     NODE_IP,
     REF_PLUGINS,
     ROUTED_CNI,
@@ -29,8 +30,6 @@ from cni_support import (
     tcp_server_cmd,
     wait_for,
 )
-
-from routed import netns
 
 pytestmark = [
     pytest.mark.netns,

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 import yaml
-from bgp_topo import ROOT, BgpTopo, wait_for
 
 from routed import netns
+from tests.topo.bgp_topo import ROOT, BgpTopo, wait_for
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 ROUTED = os.path.join(ROOT, ".venv", "bin", "routed")

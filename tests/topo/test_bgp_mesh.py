@@ -4,9 +4,9 @@ learns every other node's CIDR with that node as next hop."""
 import os
 
 import pytest
-from bgp_topo import BgpTopo, wait_for
 
 from routed import netns
+from tests.topo.bgp_topo import BgpTopo, wait_for
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 

@@ -6,9 +6,9 @@ import subprocess
 import time
 
 import pytest
-from bgp_topo import BgpTopo, wait_for
 
 from routed import netns
+from tests.topo.bgp_topo import BgpTopo, wait_for
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from test_policy_calc import POLICIES, world
-
 from policy import names
 from policy.calc import calculate
 from policy.dataplane.iptables import diff, parse_save, restore_script
 from policy.render import RenderOptions, hash_rules, render
+from tests.unit.test_policy_calc import POLICIES, world
 
 
 def test_name_lengths():
