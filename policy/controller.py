@@ -10,7 +10,7 @@ from typing import Any
 
 from policy import names
 from policy.calc import Calculation, PolicyInputs, calculate
-from policy.dataplane.ipsets import IpsetDataplane
+from policy.dataplane.ipsets import ActualSet, IpsetDataplane, normalise
 from policy.dataplane.iptables import TableState, detect_backend, diff, read_table
 from policy.dataplane.writers import Writer, make_writer
 from policy.render import RenderOptions, Ruleset, render
@@ -71,6 +71,12 @@ class PolicyController:
         self._calc: Calculation | None = None
         self.backoff_base = 0.05
         self.backoff_max = 2.0
+        # ipset membership is trusted from the last successful apply for this long, then re-read from the
+        # kernel (dumping 30,000 members costs ~0.3 s); iptables is always read back (cheap, and it is
+        # the ownership/atomicity check).
+        self.ipset_resync_s = 30.0
+        self._sets_cache: dict[str, ActualSet] | None = None
+        self._sets_read_at = 0.0
 
     @property
     def writer(self) -> Writer:
@@ -130,22 +136,31 @@ class PolicyController:
                 self.writer.apply(ops)
             actual = self.ipsets.read()
             self.ipsets.restore(self.ipsets.phase2_script({}, actual))
+            self._sets_cache = None
             self._ruleset = None
             self._calc = None
             self._ready = False
 
     # -- internals --------------------------------------------------------------------------------------
     def _apply_once(self, calc: Calculation, ruleset: Ruleset, report: ApplyReport) -> None:
-        actual_sets = self.ipsets.read()
+        now = time.monotonic()
+        if self._sets_cache is not None and now - self._sets_read_at < self.ipset_resync_s:
+            actual_sets = self._sets_cache
+        else:
+            actual_sets = self.ipsets.read()
+            self._sets_read_at = now
+        self._sets_cache = None  # until this apply is known to have succeeded
         phase1 = self.ipsets.phase1_script(calc.ipsets, actual_sets)
         self.ipsets.restore(phase1)
         state: TableState = read_table(self.backend)
         ops = diff(ruleset, state, sweep=True)
         self.writer.apply(ops)
-        if phase1 or ops:
-            actual_sets = self.ipsets.read() if phase1 else actual_sets
         phase2 = self.ipsets.phase2_script(calc.ipsets, actual_sets)
         self.ipsets.restore(phase2)
+        self._sets_cache = {
+            name: ActualSet(name, spec.kind, {normalise(spec.kind, m) for m in spec.members})
+            for name, spec in calc.ipsets.items()
+        }
         report.iptables_ops += len(ops)
         report.ipset_ops += len(phase1) + len(phase2)
 
