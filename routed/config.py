@@ -20,6 +20,8 @@ class PolicyOptions(BaseModel):
     iptables_writer: Literal["restore", "iptc"] = "restore"
     iptables_backend: Literal["auto", "legacy", "nft"] = "auto"
     deny_log: bool = False  # NFLOG/LOG dropped packets (opt-in)
+    deny_log_mode: Literal["nflog", "log"] = "nflog"
+    nflog_group: int = Field(100, ge=0, le=65535)
     apply_retries: int = Field(5, ge=0)
 
 
