@@ -125,7 +125,7 @@ def main() -> None:
     (work / "policies.yaml").write_text(policies_manifest(args.policies))
     results: dict[str, dict[str, list[float]]] = {}
     try:
-        lab.up(nodes=2, files=[str(work / "pods.yaml")])
+        lab.up(nodes=2, files=[str(work / "pods.yaml")], tor="static")  # VXLAN routes stand in for the fabric
         state = lab.state()
         client, server = state.pods["bench/client"], state.pods["bench/server"]
         iperf_server = subprocess.Popen(netns.ns_cmd(server.netns, ["iperf3", "-s", "-p", str(IPERF_PORT)]),

@@ -48,8 +48,8 @@ class PolicyController:
         self.node_name = node_name
         self.render_options = RenderOptions(
             deny_log=options.deny_log,
-            log_mode=str(getattr(options, "deny_log_mode", "nflog")),
-            nflog_group=int(getattr(options, "nflog_group", 100)),
+            log_mode=options.deny_log_mode,
+            nflog_group=options.nflog_group,
         )
         backend = options.iptables_backend
         if options.iptables_writer == "iptc" and options.deny_log and self.render_options.log_mode == "nflog":

@@ -19,8 +19,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     up = cmds.add_parser("up", help="build the lab and start the agents")
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("-f", "--filename", action="append", default=[], help="Kubernetes YAML to apply once up")
-    up.add_argument("--tor", choices=["static", "frr", "bird", "gobgp"], default="static",
-                    help="ToR router: static routes, or a real BGP router")
+    up.add_argument("--tor", choices=["frr", "bird", "gobgp", "static"], default="frr",
+                    help="ToR router: a real BGP router (FRR by default), or static routes and no BGP")
     up.add_argument("--tors", type=int, choices=[1, 2], default=1, help="2: every node dual-homed (ECMP)")
     up.add_argument("--topology", choices=["as-per-node", "as-per-rack", "ibgp"], default="as-per-node")
     up.add_argument("--datastore", choices=["manifest", "kube"], default="manifest",

@@ -72,7 +72,7 @@ class Lab:
             raise LabError(f"lab {self.name!r} is not up (run: routed lab up)")
         return LabState.load(self.paths)
 
-    def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "static", tors: int = 1,
+    def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "frr", tors: int = 1,
            topology_kind: str = "as-per-node", datastore: str = "manifest") -> LabState:
         self.down(quiet=True)
         state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor, datastore=datastore)

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from kubernetes import config as k8s_config
 
 from routed.datastore.base import Event
 from routed.datastore.kube import KubeDatastore
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kube-testenv"
@@ -36,15 +36,7 @@ AGENT_SA = "system:serviceaccount:routed-system:routed"
 
 
 def wait_until(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
-    """Poll `pred` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or pred}")
-        time.sleep(interval)
+    return helpers.wait_for(pred, timeout, interval, what)
 
 
 def _free_port_pair() -> int:

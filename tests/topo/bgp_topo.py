@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 from routed import netns
 from routed.lab.routers import GobgpRouter, Neighbor, Router, kernel_routes, make_router
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
@@ -30,19 +30,8 @@ TOR_ASN = 65100
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except Exception as e:
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
-        time.sleep(interval)
+    """Poll until truthy; errors while a daemon comes up count as "not yet"."""
+    return helpers.wait_for(check, timeout, interval, what, ignore=(Exception,))
 
 
 def node_name(i: int) -> str:

@@ -21,7 +21,7 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lab",
 @pytest.fixture(scope="module")
 def lab():
     lab = Lab("tstatic")
-    lab.up(nodes=2, files=[EXAMPLE])
+    lab.up(nodes=2, files=[EXAMPLE], tor="static")
     yield lab
     lab.down()
     assert netns.list_ours("rtd-tstatic-") == []
