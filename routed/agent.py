@@ -127,7 +127,7 @@ class Agent:
         await self.api.stop()
         if self._bgp is not None:
             with contextlib.suppress(Exception):
-                await self._bgp.stop(graceful=True)
+                await self._bgp.stop(graceful=self.config.bgp.withdraw_on_shutdown)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -30,6 +30,10 @@ class BgpOptions(BaseModel):
     enabled: bool = True
     exabgp: str = ""  # path of the exabgp executable; empty: the one next to this interpreter
     listen_port: int = Field(0, ge=0, le=65535)  # 0: do not listen (outgoing sessions only)
+    # On a clean shutdown (SIGTERM): withdraw the pod CIDRs and close sessions (True), or leave like a restart
+    # so graceful-restart helpers keep forwarding to this node's pods until the next agent replays (False:
+    # what a DaemonSet rolling update wants).
+    withdraw_on_shutdown: bool = True
 
 
 class AgentConfig(BaseModel):
