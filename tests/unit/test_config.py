@@ -29,3 +29,17 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
 def test_manifest_datastore_needs_a_directory():
     with pytest.raises(ValueError, match="manifest_dir"):
         load_config(None, {"node_name": "n"}, environ={})
+
+
+def test_deploy_configmap_is_a_valid_agent_config():
+    from pathlib import Path
+
+    import yaml
+
+    from routed.config import AgentConfig
+
+    configmap = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "configmap.yaml").read_text())
+    data = yaml.safe_load(configmap["data"]["config.yaml"])
+    config = AgentConfig.model_validate({**data, "node_name": "node-a"})  # ROUTED_NODE_NAME in the DaemonSet
+    assert config.datastore == "kube"
+    assert config.bgp.withdraw_on_shutdown is False
