@@ -391,9 +391,9 @@ class Agent:
         return self._need(self._cni, "CNI service").ipam_show()
 
     async def _api_endpoints(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        from dataclasses import asdict
+        from cni.store import endpoint_to_dict  # the same shape as the persisted endpoint records
 
-        return [asdict(e) for e in self._need(self._cni, "CNI service").endpoints()]
+        return [endpoint_to_dict(e) for e in self._need(self._cni, "CNI service").endpoints()]
 
     def _api_bgp(self, view: str) -> Any:
         async def handler(params: dict[str, Any]) -> Any:

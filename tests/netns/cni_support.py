@@ -187,7 +187,7 @@ class NodeEnv:
 
     def endpoint_ids(self) -> list[str]:
         """Container ids of the agent's endpoints (the harness answers camelCase, the agent dataclass fields)."""
-        return [e.get("containerId") or e.get("container_id") for e in self.api("endpoints.list")]
+        return [e["containerId"] for e in self.api("endpoints.list")]
 
     # -- CNI driving -----------------------------------------------------------------------------
     def netconf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
