@@ -49,7 +49,8 @@ class Agent:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._cni: Any = None
+        self._cni: Any = None  # set once the CNI service may serve requests (after policy's first sync)
+        self._cni_service: Any = None  # started (kernel reconciled, endpoints loaded), maybe not serving yet
         self._policy: Any = None
         self._policy_lock = asyncio.Lock()
         self._policy_dirty = asyncio.Event()
@@ -107,6 +108,7 @@ class Agent:
             log.info("datastore synced: %s", self.cache.counts())
             await self._start_cni()
             await self._start_policy()
+            self._cni = self._cni_service  # only now: every new endpoint is policed before its ADD returns
             await self._start_bgp()
             self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
             log.info("agent for node %s running", self.node_name)
@@ -133,8 +135,8 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._cni is not None:
-            await self._cni.stop()
+        if self._cni_service is not None:
+            await self._cni_service.stop()
         if health is not None:
             await health.stop()
         log.info("agent stopped")
@@ -148,11 +150,11 @@ class Agent:
             self._policy_dirty.set()
         if changed_any(kinds, BGP_KINDS):
             self._bgp_dirty.set()
-        if "Node" in kinds and self._cni is not None:
+        if "Node" in kinds and self._cni_service is not None:
             cidrs = tuple(self.pod_cidrs())
             if cidrs != self._pod_cidrs:
                 self._pod_cidrs = cidrs
-                await self._cni.on_pod_cidrs_changed()
+                await self._cni_service.on_pod_cidrs_changed()
 
     # ---- CNI -----------------------------------------------------------------------------------------
 
@@ -164,7 +166,7 @@ class Agent:
             log.warning("node %s has no pod CIDR yet: CNI ADD will fail until it has one", self.node_name)
         cni = CniService(self.node_name, self.config.state_dir, self.pod_cidrs, self.config.mtu, hooks=self)
         await cni.start()
-        self._cni = cni
+        self._cni_service = cni
         metrics.ENDPOINTS.set(len(cni.endpoints()))
 
     async def _handle_cni(self, params: dict[str, Any]) -> Any:
@@ -216,7 +218,7 @@ class Agent:
     def _policy_inputs(self, extra: Endpoint | None = None) -> Any:
         from policy.calc import PolicyInputs
 
-        endpoints = list(self._cni.endpoints()) if self._cni is not None else []
+        endpoints = list(self._cni_service.endpoints()) if self._cni_service is not None else []
         if extra is not None and all(
             (e.container_id, e.ifname) != (extra.container_id, extra.ifname) for e in endpoints
         ):
@@ -236,7 +238,14 @@ class Agent:
         from policy.controller import PolicyController
 
         self._policy = PolicyController(self.config.policy, self.node_name)
-        self._policy_dirty.set()
+        try:  # the first sync completes before any CNI ADD is served
+            async with self._policy_lock:
+                report = await asyncio.to_thread(self._policy.sync, self._policy_inputs())
+            self._record_policy_report(report)
+        except Exception as exc:
+            self._policy_error = f"first apply failed: {exc}"
+            log.exception("first policy sync failed; retrying in the background")
+            self._policy_dirty.set()
         self._tasks.append(asyncio.create_task(self._policy_loop(), name="policy"))
 
     async def _policy_loop(self) -> None:

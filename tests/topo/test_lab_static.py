@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from routed import netns
+from routed import api, netns
 from routed.lab.lab import Lab
 from tests.helpers import requires_root, run_and_expect
 
@@ -103,6 +103,11 @@ def test_pod_delete_and_recreate(lab, tmp_path):
     lab.apply(str(manifest))
     pod = lab.state().pods["demo/extra"]
     assert netns.exists(pod.netns)
+    # endpoint first: the ADD returned only once the pod's policy chains were in the kernel (no polling here)
+    endpoint = next(e for e in api.call(lab.paths.node_socket("node2"), "endpoints.list")
+                    if e["podName"] == "extra")
+    rules = netns.ns_run(lab.state().node("node2").netns, ["iptables-save", "-t", "filter"]).stdout
+    assert f"-i {endpoint['hostIfname']} " in rules and f"-o {endpoint['hostIfname']} " in rules
     started = time.monotonic()
     rows = lab.matrix(ports=[8080])
     assert rows and all(r["allowed"] for r in rows if r["to"] == "demo/extra"), rows
