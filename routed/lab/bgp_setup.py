@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from routed.lab import topology
 from routed.lab.routers import Neighbor, Router, make_router
 from routed.lab.state import LabState, TorState
 
 log = logging.getLogger(__name__)
 
-RACK_LABEL = "topology.routed.dev/rack"
 HOLD_TIME = 9
 KEEPALIVE = 3
 
@@ -44,7 +44,7 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
                             "nodeToNodeMesh": False}
     if state.topology == "as-per-rack":
         racks = sorted({n.rack for n in state.nodes})
-        spec |= {"rackLabel": RACK_LABEL,
+        spec |= {"rackLabel": topology.RACK_LABEL,
                  "rackASNumbers": {r: next(n.asn for n in state.nodes if n.rack == r) for r in racks}}
     elif state.topology == "ibgp":
         spec |= {"asNumber": state.tors[0].asn}
@@ -73,10 +73,6 @@ def start_routers(lab: Any, state: LabState) -> None:
         router = _router(lab, tor, state)
         router.start(tor.netns, tor.asn, tor.address, router.neighbors, graceful_restart=True, ecmp=True)
         log.info("%s: %s AS %d with %d neighbours", tor.name, tor.kind, tor.asn, len(router.neighbors))
-
-
-def stop_routers(lab: Any, state: LabState) -> None:
-    """Router daemons live in the ToR namespaces; deleting those ends them. Nothing else to undo."""
 
 
 def router_sessions(lab: Any, state: LabState, tor: TorState) -> list[dict[str, Any]]:

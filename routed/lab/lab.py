@@ -100,11 +100,8 @@ class Lab:
         return self.state()
 
     def down(self, quiet: bool = False) -> list[str]:
-        state = LabState.load(self.paths) if LabState.exists(self.paths) else None
         self._stop_supervisor()
-        if state is not None:
-            self._stop_routers(state)
-        removed = topology.destroy(self.name)
+        removed = topology.destroy(self.name)  # ends router daemons and pod servers with their namespaces
         shutil.rmtree(self.paths.root, ignore_errors=True)
         if removed and not quiet:
             log.info("removed namespaces: %s", " ".join(removed))
@@ -116,7 +113,7 @@ class Lab:
             "kind": "Node",
             "metadata": {
                 "name": node.name,
-                "labels": {"kubernetes.io/hostname": node.name, "topology.routed.dev/rack": node.rack},
+                "labels": {"kubernetes.io/hostname": node.name, topology.RACK_LABEL: node.rack},
             },
             "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
             # every uplink address is an InternalIP: a dual-homed node speaks BGP from each
@@ -150,15 +147,6 @@ class Lab:
         from routed.lab.bgp_setup import start_routers
 
         start_routers(self, state)
-
-    def _stop_routers(self, state: LabState) -> None:
-        if state.tor_kind == "static":
-            return
-        try:
-            from routed.lab.bgp_setup import stop_routers
-        except ImportError:
-            return
-        stop_routers(self, state)
 
     def _start_supervisor(self) -> None:
         with open(self.paths.supervisor_log, "ab") as out:

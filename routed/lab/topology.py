@@ -15,6 +15,7 @@ from routed.lab.state import LabState, NodeState, TorState
 
 log = logging.getLogger(__name__)
 
+RACK_LABEL = "topology.routed.dev/rack"  # node label that as-per-rack ASNs are keyed on
 TOR_ASN = 65000
 NODE_ASN_BASE = 65100
 MAX_NODES = 250

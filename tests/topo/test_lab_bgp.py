@@ -183,3 +183,21 @@ def test_dual_homed_ecmp_survives_one_tor_down(tmp_path):
         assert single[state.node("node2").pod_cidr] == [state.node("node1").uplinks[1]["tor_address"]]
     finally:
         lab.down(quiet=True)
+
+
+@pytest.mark.parametrize("topology", ["as-per-rack", "ibgp"])
+def test_rack_and_ibgp_topologies(tmp_path, topology):
+    lab = up_with_pods(tmp_path, f"t{topology[:4].replace('-', '')}", 3, tor="frr", topology_kind=topology)
+    try:
+        state = lab.state()
+        asns = [n.asn for n in state.nodes]
+        if topology == "as-per-rack":
+            assert asns[0] == asns[1] != asns[2]  # node1 and node2 share rack1
+        else:
+            assert set(asns) == {state.tors[0].asn}
+        expect_full_routing(lab)
+        rows = run_and_expect(lambda: lab.matrix(protocols=["tcp"]), lambda rs: rs and all(r["allowed"] for r in rs),
+                              timeout=20)
+        assert rows and all(r["allowed"] for r in rows)
+    finally:
+        lab.down(quiet=True)
