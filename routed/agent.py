@@ -56,6 +56,7 @@ class Agent:
         self._policy_dirty = asyncio.Event()
         self._policy_error = ""
         self._policy_ok = not config.policy.enabled
+        self._reported_invalid: dict[str, str] = {}  # policy key -> reasons already reported as an Event
         self._bgp: Any = None
         self._bgp_dirty = asyncio.Event()
         self._pod_cidrs: tuple[str, ...] = ()
@@ -274,7 +275,9 @@ class Agent:
         self._policy_ok = True
         self._policy_error = ""
         summary = self._policy.report()
-        metrics.POLICY_INVALID.set(len(summary.get("invalid_policies") or []))
+        invalid = summary.get("invalid_policies") or []
+        metrics.POLICY_INVALID.set(len(invalid))
+        self._report_invalid_policies(invalid)
         metrics.POLICY_RULES.set(summary.get("rules") or 0)
         metrics.POLICY_IPSETS.set(summary.get("ipsets") or 0)
         if not summary.get("ready", True):
@@ -282,6 +285,27 @@ class Agent:
             self._policy_error = str(summary.get("last_error") or "dataplane not ready")
         for endpoint, drops in (self._policy.drop_counters() or {}).items():
             metrics.POLICY_DROPS.labels(endpoint).set(drops)
+
+    def _report_invalid_policies(self, invalid: list[dict[str, Any]]) -> None:
+        """One Warning Event per invalid policy (and per change of its reasons), from the nodes that have pods in
+        its namespace: those are where it fails closed. A fixed or deleted policy may be reported again later."""
+        local_namespaces = {e.pod_namespace for e in (self._cni_service.endpoints() if self._cni_service else [])}
+        current = {str(item.get("policy")): "; ".join(item.get("reasons") or []) for item in invalid}
+        for key, reasons in current.items():
+            namespace, _, name = key.partition("/")
+            if self._reported_invalid.get(key) == reasons or namespace not in local_namespaces:
+                continue
+            item = next(i for i in invalid if str(i.get("policy")) == key)
+            closed = ", ".join(item.get("fail_closed") or []) or "nothing"
+            message = f"{reasons}. Pods it selects on node {self.node_name} fail closed for: {closed}."
+            involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "namespace": namespace,
+                        "name": name}
+            task = asyncio.get_running_loop().create_task(
+                self.datastore.report_event(involved, "InvalidNetworkPolicy", message))
+            task.add_done_callback(_log_task_error)
+            self._reported_invalid[key] = reasons
+        for key in set(self._reported_invalid) - set(current):
+            del self._reported_invalid[key]
 
     # ---- BGP -----------------------------------------------------------------------------------------
 
@@ -447,6 +471,11 @@ class Agent:
         if isinstance(pod, str):
             raise ApiError(102, "policy show takes NS/POD")
         return policies_for(self._policy_inputs(), pod)
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not report an event: %s", task.exception())
 
 
 def setup_logging(config: AgentConfig) -> None:

@@ -56,3 +56,8 @@ class Datastore(abc.ABC):
 
     async def write_status(self, node_name: str, status: dict[str, Any]) -> None:  # noqa: B027
         """Publish this node's status object (sessions, advertised prefixes). Optional per backend."""
+
+    async def report_event(self, involved: dict[str, str], reason: str, message: str,  # noqa: B027
+                           event_type: str = "Warning") -> None:
+        """Tell the object's owners something (`kubectl describe` shows it). `involved`: apiVersion, kind,
+        namespace, name. Optional per backend; the manifest directory has nowhere to put it."""

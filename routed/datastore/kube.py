@@ -309,6 +309,30 @@ class KubeDatastore(Datastore):
             w.resource_version = resource_version
         w.interrupt()
 
+    # -- events
+
+    async def report_event(self, involved: dict[str, str], reason: str, message: str,
+                           event_type: str = "Warning") -> None:
+        await asyncio.to_thread(self._report_event, involved, reason, message, event_type)
+
+    def _report_event(self, involved: dict[str, str], reason: str, message: str, event_type: str) -> None:
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = involved.get("namespace") or "default"
+        body = {
+            "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
+            "involvedObject": {k: involved[k] for k in ("apiVersion", "kind", "namespace", "name") if involved.get(k)},
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
+            "source": {"component": "routed-agent", "host": self.node_name},
+            "reportingComponent": "routed.dev/agent",
+            "reportingInstance": self.node_name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        k8s.CoreV1Api(self.api_client()).create_namespaced_event(namespace, body)
+
     # -- status
 
     async def write_status(self, node_name: str, status: dict[str, Any]) -> None:

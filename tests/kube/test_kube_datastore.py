@@ -5,6 +5,7 @@ Synced at all proves the RBAC in deploy/ covers every list and watch the datasto
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -276,3 +277,15 @@ def test_own_node_only_with_field_selector(env: KubeEnv, admin: k8s.ApiClient, r
         assert [e.key for e in r.since(mark) if e.kind == "Node"] == [NODE]
     finally:
         r.stop()
+
+
+def test_agent_reports_events_with_its_own_identity(runner: DatastoreRunner, admin: k8s.ApiClient, ns: str) -> None:
+    """The deploy/ RBAC lets the agent (pod-bound token) create Events; `kubectl describe` shows them."""
+    involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "namespace": ns, "name": "bad-one"}
+    asyncio.run(runner.ds.report_event(involved, "InvalidNetworkPolicy", "spec.ingress[0]: broken; fail closed"))
+    core = k8s.CoreV1Api(admin)
+    items = wait_until(lambda: core.list_namespaced_event(ns, field_selector="involvedObject.name=bad-one").items,
+                       30, what="event")
+    event = items[0]
+    assert event.reason == "InvalidNetworkPolicy" and event.type == "Warning"
+    assert event.source.host == NODE and event.involved_object.kind == "NetworkPolicy"

@@ -164,3 +164,4 @@ def test_api_server_down_60s_dataplane_unchanged_then_resync(lab):
     finally:
         kube.delete(WEB_FROM_CLIENTS)
     run_and_expect(lambda: tcp80(lab), lambda m: all(m.values()), timeout=30)
+
