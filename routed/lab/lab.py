@@ -92,6 +92,8 @@ class Lab:
             self._start_routers(state)
             self._start_supervisor()
             self.wait_ready(state)
+            if state.tor_kind != "static":
+                self.wait_routes(state)
             for file in files or []:
                 self.apply(file)
         except Exception:
@@ -190,6 +192,17 @@ class Lab:
                 details.append(f"{node.name}: {status.get('reasons') if status else 'agent not answering'}")
                 details.append(pods.read_log_tail(self.paths.node_dir(node.name) / "agent.log", 10))
             raise LabError("agents not ready in time:\n" + "\n".join(details))
+
+    def wait_routes(self, state: LabState, timeout: float = 30.0) -> bool:
+        """Until every node has installed a BGP route to every other node's pod CIDR (so `up` shows a converged
+        fabric). Only a wait: a lab whose fabric does not converge is still up, and `status` shows why."""
+        others = len(state.nodes) - 1
+
+        def converged() -> bool:
+            return all(((self.agent_status(n.name) or {}).get("bgp") or {}).get("routes_installed", 0) >= others
+                       for n in state.nodes)
+
+        return bool(poll(converged, timeout, interval=0.2))
 
     # ---- objects -------------------------------------------------------------------------------------
 
