@@ -1,7 +1,8 @@
 """CNI Result documents in the shape of the requested cniVersion. Stdlib only.
 
 0.4.0: ips[] carry "version" ("4"/"6"); 1.0.0+: they do not. 1.1.0 interfaces may carry "mtu".
-The host-side interface has no "sandbox" (omitted = on the host), the pod interface's sandbox is the netns path.
+The host-side interface carries an empty "sandbox" (it lives on the host; Go's omitempty would drop the key, which
+means the same to every parser), the pod interface's sandbox is the netns path.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ def _iface(version: str, iface: Interface) -> dict[str, Any]:
     out: dict[str, Any] = {"name": iface.name, "mac": iface.mac}
     if version == "1.1.0" and iface.mtu:
         out["mtu"] = iface.mtu
-    if iface.sandbox:
-        out["sandbox"] = iface.sandbox
+    out["sandbox"] = iface.sandbox
     return out
 
 

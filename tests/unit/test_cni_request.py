@@ -176,7 +176,8 @@ POD = Interface("eth0", "bb:bb:bb:bb:bb:bb", 1450, "/var/run/netns/p")
 def test_result_shape_per_version(version: str) -> None:
     res = build_add_result(version, HOST, POD, ["10.88.0.5/32"], dns={"nameservers": ["10.96.0.10"]})
     assert res["cniVersion"] == version
-    assert res["interfaces"][0] == {"name": HOST.name, "mac": HOST.mac, **({"mtu": 1450} if version == "1.1.0" else {})}
+    assert res["interfaces"][0] == {"name": HOST.name, "mac": HOST.mac, "sandbox": "",
+                                    **({"mtu": 1450} if version == "1.1.0" else {})}
     assert res["interfaces"][1]["sandbox"] == "/var/run/netns/p"
     ip = res["ips"][0]
     assert ip["address"] == "10.88.0.5/32" and ip["interface"] == 1
