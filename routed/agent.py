@@ -56,6 +56,7 @@ class Agent:
         self._policy_dirty = asyncio.Event()
         self._policy_error = ""
         self._policy_ok = not config.policy.enabled
+        self._drop_labels: set[str] = set()  # endpoints that have a drop-counter series
         self._reported_invalid: dict[str, str] = {}  # policy key -> reasons already reported as an Event
         self._bgp: Any = None
         self._bgp_dirty = asyncio.Event()
@@ -283,8 +284,17 @@ class Agent:
         if not summary.get("ready", True):
             self._policy_ok = False
             self._policy_error = str(summary.get("last_error") or "dataplane not ready")
-        for endpoint, drops in (self._policy.drop_counters() or {}).items():
-            metrics.POLICY_DROPS.labels(endpoint).set(drops)
+
+    async def _refresh_drop_counters(self) -> None:
+        """Per-endpoint drop counters read back from iptables: periodic, off the event loop and off the CNI path."""
+        if self._policy is None:
+            return
+        drops = await asyncio.to_thread(self._policy.drop_counters)
+        for endpoint, count in drops.items():
+            metrics.POLICY_DROPS.labels(endpoint).set(count)
+        for gone in self._drop_labels - set(drops):
+            metrics.POLICY_DROPS.remove(gone)
+        self._drop_labels = set(drops)
 
     def _report_invalid_policies(self, invalid: list[dict[str, Any]]) -> None:
         """One Warning Event per invalid policy (and per change of its reasons), from the nodes that have pods in
@@ -378,6 +388,10 @@ class Agent:
     async def _status_loop(self, interval: float = 10.0) -> None:
         last: dict[str, Any] | None = None
         while True:
+            try:
+                await self._refresh_drop_counters()
+            except Exception as exc:
+                log.warning("could not read drop counters: %s", exc)
             status = self.node_status()
             if status != last:
                 try:
