@@ -21,6 +21,7 @@ class ClusterCache:
     def __init__(self) -> None:
         self._objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
         self._listeners: list[Listener] = []
+        self._typed: dict[str, list[Any]] = {}  # typed views per kind, rebuilt only after that kind changed
         self.revision = 0  # bumped on every batch that changed something
 
     def subscribe(self, listener: Listener) -> None:
@@ -38,6 +39,8 @@ class ClusterCache:
                 changed.add(event.kind)
         if not changed:
             return
+        for kind in changed:
+            self._typed.pop(kind, None)
         self.revision += 1
         kinds = frozenset(changed)
         for listener in self._listeners:
@@ -56,14 +59,20 @@ class ClusterCache:
         obj = self.get("Node", name)
         return Node.from_k8s(obj) if obj else None
 
+    def _view(self, kind: str, build: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        view = self._typed.get(kind)
+        if view is None:
+            view = self._typed[kind] = [build(o) for o in self.raw(kind)]
+        return list(view)  # the objects are frozen; the list is the caller's
+
     def nodes(self) -> list[Node]:
-        return [Node.from_k8s(o) for o in self.raw("Node")]
+        return self._view("Node", Node.from_k8s)
 
     def namespaces(self) -> list[Namespace]:
-        return [Namespace.from_k8s(o) for o in self.raw("Namespace")]
+        return self._view("Namespace", Namespace.from_k8s)
 
     def pods(self) -> list[Pod]:
-        return [Pod.from_k8s(o) for o in self.raw("Pod")]
+        return self._view("Pod", Pod.from_k8s)
 
     def pod(self, namespace: str, name: str) -> Pod | None:
         obj = self.get("Pod", f"{namespace}/{name}")

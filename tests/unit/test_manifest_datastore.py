@@ -52,3 +52,18 @@ def test_cache_views_and_listeners(tmp_path):
     assert seen == [frozenset({"Pod"})]
     asyncio.run(cache.apply(store.scan()))
     assert len(seen) == 1  # no change, no call
+
+
+def test_typed_views_follow_changes(tmp_path):
+    (tmp_path / "a.yaml").write_text(POD)
+    store = ManifestDatastore(str(tmp_path))
+    cache = ClusterCache()
+    asyncio.run(cache.apply(store.scan()))
+    first = cache.pods()
+    assert [p.labels for p in first] == [{"pod": "a"}]
+    first.clear()  # a caller's list is its own
+    assert len(cache.pods()) == 1
+    (tmp_path / "a.yaml").write_text(POD.replace("pod: a", "pod: b"))
+    os.utime(tmp_path / "a.yaml", ns=(2, 2))
+    asyncio.run(cache.apply(store.scan()))
+    assert [p.labels for p in cache.pods()] == [{"pod": "b"}]
