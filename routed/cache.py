@@ -22,7 +22,6 @@ class ClusterCache:
         self._objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
         self._listeners: list[Listener] = []
         self._typed: dict[str, list[Any]] = {}  # typed views per kind, rebuilt only after that kind changed
-        self.revision = 0  # bumped on every batch that changed something
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -41,7 +40,6 @@ class ClusterCache:
             return
         for kind in changed:
             self._typed.pop(kind, None)
-        self.revision += 1
         kinds = frozenset(changed)
         for listener in self._listeners:
             try:

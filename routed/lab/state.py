@@ -58,9 +58,6 @@ class LabPaths:
     def pod_dir(self) -> Path:
         return self.root / "pods"
 
-    def netns_prefix(self) -> str:
-        return f"rtd-{self.lab}-"
-
 
 @dataclass
 class NodeState:
