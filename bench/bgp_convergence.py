@@ -21,10 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "topo"))
 
-from bgp_topo import BgpTopo, wait_for  # noqa: E402
+from bgp_topo import BgpTopo  # noqa: E402
 
 from routed import netns  # noqa: E402
 from routed.lab.routers import kernel_routes  # noqa: E402
+from tests.helpers import run_and_expect  # noqa: E402
 
 PREFIX = "rtd-bgpb"
 
@@ -73,13 +74,15 @@ def single_start(router: str, repeat: int) -> tuple[list[float], list[float]]:
             topo.start_tor()
             t0 = time.monotonic()
             topo.start_node(1)
-            wait_for(lambda topo=topo: on_tor(topo, "10.244.1.0/24"), 30, interval=0.01)
+            run_and_expect(lambda topo=topo: on_tor(topo, "10.244.1.0/24"), bool, 30, interval=0.01,
+                           ignore=(Exception,)).check("pod CIDR on the ToR")
             starts.append(time.monotonic() - t0)
             topo.cidrs[1] = ["10.245.1.0/24"]
             t0 = time.monotonic()
             topo.write_spec(1)
-            wait_for(lambda topo=topo: on_tor(topo, "10.245.1.0/24") and not on_tor(topo, "10.244.1.0/24"), 30,
-                     interval=0.01)
+            run_and_expect(lambda topo=topo: on_tor(topo, "10.245.1.0/24")
+                           and not on_tor(topo, "10.244.1.0/24"),
+                           bool, 30, interval=0.01, ignore=(Exception,)).check("new pod CIDR on the ToR")
             changes.append(time.monotonic() - t0)
         finally:
             topo.cleanup()
@@ -106,9 +109,11 @@ def scale(k: int, router: str) -> dict[str, float]:
                     return False
             return True
 
-        wait_for(lambda: len(topo.tor_routes()) >= 2 * k, 600, interval=0.2, what="ToR has every CIDR")
+        run_and_expect(lambda: len(topo.tor_routes()) >= 2 * k, bool, 600, interval=0.2,
+                       ignore=(Exception,)).check("ToR has every CIDR")
         tor_done = time.monotonic() - t0
-        wait_for(all_routes, 600, interval=0.2, what="every node has every route")
+        run_and_expect(all_routes, bool, 600, interval=0.2,
+                       ignore=(Exception,)).check("every node has every route")
         total = time.monotonic() - t0
         for i in range(1, k + 1):  # exact check once
             got = {r["prefix"] for r in kernel_routes(topo.node_ns(i), protocol="202")}

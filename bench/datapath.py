@@ -82,7 +82,7 @@ def wait_policy_applied(lab: Lab, expected_invalid: int = 0, minimum_rules: int 
     report: dict = {}
     while time.monotonic() < deadline:
         report = api.call(lab.paths.node_socket("node2"), "policy.report")
-        if report.get("rules", 0) >= minimum_rules and len(report.get("invalid_policies") or []) == expected_invalid:
+        if report.get("rules", 0) >= minimum_rules and len(report.get("invalidPolicies") or []) == expected_invalid:
             return report
         time.sleep(0.5)
     raise RuntimeError(f"policies not applied in time: {report}")

@@ -38,7 +38,7 @@ def loads(data: str | bytes) -> Any:
 
         return json.loads(text)
     text = text.strip(_WS)
-    scan = _json.make_scanner(_DecodeContext())
+    scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]  # duck-typed context
     try:
         obj, end = scan(text, 0)
         if end == len(text):

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from cni.names import attachment_key
+from routed.api_types import IpamAllocation, IpamShow
+from routed.errors import Code, RoutedError
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,22 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 STORE_VERSION = 1
 
 
-class IpamError(Exception):
-    pass
+class IpamError(RoutedError):
+    """The allocation store cannot be read or written."""
+
+    code = Code.IO_FAILURE
 
 
 class IpamExhausted(IpamError):
-    pass
+    """Every address of a pod CIDR is taken."""
+
+    code = Code.IPAM_EXHAUSTED
 
 
 class AlreadyAllocated(IpamError):
-    pass
+    """The attachment (containerId, ifname) already holds an address."""
+
+    code = Code.ALREADY_EXISTS
 
 
 def _usable_range(net: IpNetwork) -> tuple[int, int]:
@@ -223,11 +231,11 @@ class Ipam:
             log.info("GC released %s", removed)
         return removed
 
-    def show(self, cidrs: Sequence[str] = ()) -> dict[str, Any]:
+    def show(self, cidrs: Sequence[str] = ()) -> IpamShow:
         with self._locked() as doc:
             allocations = [
-                {"ip": ip, "containerId": owner.get("containerId", ""), "ifname": owner.get("ifname", "")}
+                IpamAllocation(ip=ip, containerId=owner.get("containerId", ""), ifname=owner.get("ifname", ""))
                 for ip, owner in doc["allocations"].items()
             ]
         allocations.sort(key=lambda a: (ipaddress.ip_address(a["ip"]).version, ipaddress.ip_address(a["ip"])))
-        return {"cidrs": list(cidrs), "allocations": allocations}
+        return IpamShow(cidrs=list(cidrs), allocations=allocations)

@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 
+from routed.errors import Code, RoutedOSError
+
 log = logging.getLogger(__name__)
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
@@ -19,8 +21,10 @@ NETLINK_ROUTE = 0
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class NetnsGone(OSError):
+class NetnsGone(RoutedOSError):
     """The netns path does not exist (or is not a network namespace)."""
+
+    code = Code.UNKNOWN_CONTAINER
 
 
 def _setns(fd: int) -> None:

@@ -17,7 +17,6 @@ import sys
 import time
 
 from cni import fastjson
-from cni.errors import NOT_AVAILABLE, TRY_AGAIN_LATER, UNEXPECTED, CniError
 from cni.request import (
     LATEST_VERSION,
     SUPPORTED_VERSIONS,
@@ -28,6 +27,7 @@ from cni.request import (
     validate_netconf,
     version_for_errors,
 )
+from routed.errors import NotAvailable, RoutedError, TryAgainLater
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -133,16 +133,16 @@ def run(environ: Mapping[str, str], stdin: bytes, out: TextIO) -> int:
         validate_netconf(command, conf)
         req.config = conf
         return forward(req, out)
-    except CniError as exc:
+    except RoutedError as exc:
         if req is None:
             setup_logging(conf, None)
         log.warning("error %d: %s %s", exc.code, exc.msg, exc.details)
-        out.write(fastjson.dumps(exc.to_json(version_for_errors(conf))) + "\n")
+        out.write(fastjson.dumps(exc.to_cni(version_for_errors(conf))) + "\n")
         return 1
     except Exception as exc:  # a bug: the runtime gets 999, the log gets the traceback
         log.exception("unexpected failure")
-        err = CniError(UNEXPECTED, f"routed-cni failed unexpectedly: {type(exc).__name__}: {exc}", "see the log file")
-        out.write(fastjson.dumps(err.to_json(version_for_errors(conf))) + "\n")
+        err = RoutedError(f"routed-cni failed unexpectedly: {type(exc).__name__}: {exc}", "see the log file")
+        out.write(fastjson.dumps(err.to_cni(version_for_errors(conf))) + "\n")
         return 1
 
 
@@ -157,15 +157,13 @@ def forward(req: CniRequest, out: TextIO) -> int:
         response = call_agent(socket_path, req.to_params())
     except (OSError, ValueError) as exc:
         if req.command == "STATUS":
-            raise CniError(NOT_AVAILABLE, f"the routed agent is not reachable at {socket_path}", str(exc)) from None
-        raise CniError(
-            TRY_AGAIN_LATER, f"the routed agent is not reachable at {socket_path}; try again later", str(exc)
-        ) from None
+            raise NotAvailable(f"the routed agent is not reachable at {socket_path}", str(exc)) from None
+        raise TryAgainLater(f"the routed agent is not reachable at {socket_path}; try again later", str(exc)) from None
     elapsed = (time.monotonic() - started) * 1000
     if "error" in response:
         err = response["error"] or {}
         log.info("agent %s answered in %.1f ms with an error", socket_path, elapsed)
-        raise CniError(int(err.get("code") or UNEXPECTED), str(err.get("msg") or "agent error"), str(err.get("details") or ""))
+        raise RoutedError.from_json(err)
     result = response.get("result")
     if req.command == "ADD":
         text = fastjson.dumps(result) + "\n"

@@ -7,14 +7,7 @@ Used by the thin plugin (to fail fast, without the agent) and again by the agent
 from __future__ import annotations
 
 from cni import fastjson
-from cni.errors import (
-    DECODE_FAILURE,
-    INCOMPATIBLE_VERSION,
-    INVALID_CONFIG,
-    INVALID_ENV,
-    UNSUPPORTED_FIELD,
-    CniError,
-)
+from routed.errors import Code, RoutedError
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the thin plugin ~3 ms per call
 if TYPE_CHECKING:
@@ -97,7 +90,7 @@ def parse_cni_args(raw: str) -> dict[str, str]:
             continue
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CniError(INVALID_ENV, f"CNI_ARGS is invalid: {pair!r} is not KEY=VALUE")
+            raise RoutedError(f"CNI_ARGS is invalid: {pair!r} is not KEY=VALUE", code=Code.INVALID_ENV)
         out[key] = value
     return out
 
@@ -118,11 +111,9 @@ def validate_ifname(value: str) -> str | None:
 
 def check_command(command: str) -> str:
     if not command:
-        raise CniError(INVALID_ENV, "CNI_COMMAND is not set", "invalid environment: CNI_COMMAND")
+        raise RoutedError("CNI_COMMAND is not set", "invalid environment: CNI_COMMAND", code=Code.INVALID_ENV)
     if command not in VERBS:
-        raise CniError(
-            INVALID_ENV, f"CNI_COMMAND={command!r} is not one of {', '.join(VERBS)}", "invalid environment: CNI_COMMAND"
-        )
+        raise RoutedError(f"CNI_COMMAND={command!r} is not one of {', '.join(VERBS)}", "invalid environment: CNI_COMMAND", code=Code.INVALID_ENV)
     return command
 
 
@@ -141,7 +132,7 @@ def parse_env(environ: Mapping[str, str]) -> CniRequest:
         problems.append(f"CNI_IFNAME {why}")
     if problems:
         names = sorted({p.split(" ", 1)[0] for p in problems})
-        raise CniError(INVALID_ENV, "; ".join(problems), "invalid environment: " + ", ".join(names))
+        raise RoutedError("; ".join(problems), "invalid environment: " + ", ".join(names), code=Code.INVALID_ENV)
     return CniRequest(
         command=command,
         container_id=container_id,
@@ -156,9 +147,9 @@ def decode_netconf(raw: bytes | str) -> dict[str, Any]:
     try:
         conf = fastjson.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CniError(DECODE_FAILURE, "failed to decode the network configuration on stdin", str(exc)) from None
+        raise RoutedError("failed to decode the network configuration on stdin", str(exc), code=Code.DECODE_FAILURE) from None
     if not isinstance(conf, dict):
-        raise CniError(DECODE_FAILURE, "the network configuration on stdin is not a JSON object")
+        raise RoutedError("the network configuration on stdin is not a JSON object", code=Code.DECODE_FAILURE)
     return conf
 
 
@@ -174,45 +165,37 @@ def validate_netconf(command: str, conf: Mapping[str, Any]) -> None:
         return
     version = conf.get("cniVersion")
     if not isinstance(version, str) or not version:
-        raise CniError(INVALID_CONFIG, "network configuration has no cniVersion")
+        raise RoutedError("network configuration has no cniVersion", code=Code.INVALID_CONFIG)
     if version not in SUPPORTED_VERSIONS:
-        raise CniError(
-            INCOMPATIBLE_VERSION,
-            f"cniVersion {version!r} is not supported",
-            "supported: " + ", ".join(SUPPORTED_VERSIONS),
-        )
+        raise RoutedError(f"cniVersion {version!r} is not supported",
+            "supported: " + ", ".join(SUPPORTED_VERSIONS), code=Code.INCOMPATIBLE_VERSION)
     if command in VERBS_1_1 and version != "1.1.0":
-        raise CniError(INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0, the configuration says {version}")
+        raise RoutedError(f"{command} needs cniVersion 1.1.0, the configuration says {version}", code=Code.INCOMPATIBLE_VERSION)
     if not isinstance(conf.get("name"), str) or not conf.get("name"):
-        raise CniError(INVALID_CONFIG, "network configuration has no name")
+        raise RoutedError("network configuration has no name", code=Code.INVALID_CONFIG)
     if "type" in conf and not isinstance(conf["type"], str):
-        raise CniError(INVALID_CONFIG, "'type' must be a string")
+        raise RoutedError("'type' must be a string", code=Code.INVALID_CONFIG)
     if "ipam" in conf:
-        raise CniError(
-            UNSUPPORTED_FIELD,
-            "'ipam' is not supported: routed allocates pod addresses from the node's pod CIDR itself",
-            "remove the ipam section",
-        )
+        raise RoutedError("'ipam' is not supported: routed allocates pod addresses from the node's pod CIDR itself",
+            "remove the ipam section", code=Code.UNSUPPORTED_FIELD)
     mtu = conf.get("mtu")
     if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= 65535):
-        raise CniError(INVALID_CONFIG, f"'mtu' must be an integer between 576 and 65535, got {mtu!r}")
+        raise RoutedError(f"'mtu' must be an integer between 576 and 65535, got {mtu!r}", code=Code.INVALID_CONFIG)
     for key in ("socketPath", "logFile"):
         if key in conf and not isinstance(conf[key], str):
-            raise CniError(INVALID_CONFIG, f"{key!r} must be a string")
+            raise RoutedError(f"{key!r} must be a string", code=Code.INVALID_CONFIG)
     for key in ("dns", "prevResult", "runtimeConfig", "args"):
         if key in conf and not isinstance(conf[key], dict):
-            raise CniError(INVALID_CONFIG, f"{key!r} must be an object")
+            raise RoutedError(f"{key!r} must be an object", code=Code.INVALID_CONFIG)
     if command == "CHECK" and "prevResult" not in conf:
-        raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the network configuration")
+        raise RoutedError("CHECK needs prevResult in the network configuration", code=Code.INVALID_CONFIG)
     if command == "GC" and VALID_ATTACHMENTS_KEY in conf:
         attachments = conf[VALID_ATTACHMENTS_KEY]
         if not isinstance(attachments, list) or not all(
             isinstance(a, dict) and isinstance(a.get("containerID"), str) and isinstance(a.get("ifname"), str)
             for a in attachments
         ):
-            raise CniError(
-                INVALID_CONFIG, f"{VALID_ATTACHMENTS_KEY!r} must be a list of {{containerID, ifname}} objects"
-            )
+            raise RoutedError(f"{VALID_ATTACHMENTS_KEY!r} must be a list of {{containerID, ifname}} objects", code=Code.INVALID_CONFIG)
 
 
 def request_from_params(params: Mapping[str, Any]) -> CniRequest:
@@ -220,14 +203,14 @@ def request_from_params(params: Mapping[str, Any]) -> CniRequest:
     command = check_command(str(params.get("command") or ""))
     config = params.get("config")
     if not isinstance(config, dict):
-        raise CniError(INVALID_CONFIG, "params.config must be the network configuration object")
+        raise RoutedError("params.config must be the network configuration object", code=Code.INVALID_CONFIG)
     raw_args = params.get("args") or {}
     if isinstance(raw_args, str):
         args = parse_cni_args(raw_args)
     elif isinstance(raw_args, dict):
         args = {str(k): str(v) for k, v in raw_args.items()}
     else:
-        raise CniError(INVALID_ENV, "CNI_ARGS must be a string or a mapping")
+        raise RoutedError("CNI_ARGS must be a string or a mapping", code=Code.INVALID_ENV)
     environ = {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": str(params.get("containerId") or ""),

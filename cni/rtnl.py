@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 
+from routed.errors import Code, RoutedOSError
+
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -33,8 +35,8 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
 
 
-class RtnlError(OSError):
-    pass
+class RtnlError(RoutedOSError):
+    code = Code.WIRING_FAILED
 
 
 def _attr(kind: int, payload: bytes) -> bytes:

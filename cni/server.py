@@ -18,15 +18,15 @@ from typing import Any, Protocol, TypeVar
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni import errors, wiring
-from cni.errors import CniError
-from cni.ipam import AlreadyAllocated, Ipam, IpamError, IpamExhausted
+from cni import wiring
+from cni.ipam import Ipam, IpamError
 from cni.names import attachment_key, host_veth_name
 from cni.netnsfd import NetnsGone
 from cni.request import SUPPORTED_VERSIONS, VALID_ATTACHMENTS_KEY, CniRequest, request_from_params
 from cni.result import build_add_result, version_result
 from cni.store import EndpointStore
-from routed.api import ApiError
+from routed.api_types import IpamShow
+from routed.errors import Code, NotAvailable, RoutedError, TryAgainLater
 from routed.model import Endpoint
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ class CniService:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cni")
-        await self._run(self.store.load)
-        self._uplink_mtu = await self._run(wiring.default_route_mtu)
-        await self._run(self._reconcile)
+        await self.run_blocking(self.store.load)
+        self._uplink_mtu = await self.run_blocking(wiring.default_route_mtu)
+        await self.run_blocking(self._reconcile)
         self._started = True
         log.info("CNI service started: %d endpoints, pod MTU %d", len(self.store.all()), self.effective_mtu({}))
 
@@ -106,14 +106,11 @@ class CniService:
         if released:
             log.warning("released IPAM reservations without an endpoint: %s", released)
 
-    async def on_pod_cidrs_changed(self) -> None:
-        await self._run(wiring.ensure_blackholes, self.pod_cidrs())
-
     # -- queries -------------------------------------------------------------------------------------
     def endpoints(self) -> list[Endpoint]:
         return self.store.all()
 
-    def ipam_show(self) -> dict[str, Any]:
+    def ipam_show(self) -> IpamShow:
         return self.ipam.show(self.pod_cidrs())
 
     def ready(self) -> tuple[bool, str]:
@@ -133,19 +130,16 @@ class CniService:
 
     # -- API -----------------------------------------------------------------------------------------
     async def handle(self, params: dict[str, Any]) -> Any:
-        try:
-            req = request_from_params(params)
-        except CniError as exc:
-            raise ApiError(exc.code, exc.msg, exc.details) from None
+        req = request_from_params(params)
         if req.command == "VERSION":
             return version_result(req.cni_version, SUPPORTED_VERSIONS)
         if req.command == "STATUS":
             ok, reason = self.ready()
             if not ok:
-                raise ApiError(errors.NOT_AVAILABLE, reason)
+                raise NotAvailable(reason)
             return None
         if not self._started:
-            raise ApiError(errors.TRY_AGAIN_LATER, "the CNI service is starting; try again later")
+            raise TryAgainLater("the CNI service is starting; try again later")
         if req.command == "GC":
             return await self._gc(req)
         key = attachment_key(req.container_id, req.ifname)
@@ -171,44 +165,35 @@ class CniService:
             if entry[1] == 0 and self._key_locks.get(key) is entry:
                 del self._key_locks[key]
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
     async def _add(self, req: CniRequest, key: str) -> dict[str, Any]:
         ctx = f"{req.container_id}/{req.ifname} pod {req.pod_namespace}/{req.pod_name}"
         if self.store.get(req.container_id, req.ifname) is not None:
-            raise ApiError(
-                errors.ALREADY_EXISTS,
-                f"container {req.container_id} already has interface {req.ifname} (DEL it first)",
-            )
+            raise RoutedError(f"container {req.container_id} already has interface {req.ifname} (DEL it first)",
+                              code=Code.ALREADY_EXISTS)
         cidrs = self._wired_cidrs()
         if not cidrs:
-            raise ApiError(errors.TRY_AGAIN_LATER, f"node {self.node_name} has no pod CIDR yet; try again later")
+            raise TryAgainLater(f"node {self.node_name} has no pod CIDR yet; try again later")
         self._in_flight[key] = (req.container_id, req.ifname)
         ips: list[str] = []
         host_name = host_veth_name(req.container_id, req.ifname)
         wired = persisted = hooked = False
         endpoint: Endpoint | None = None
         try:
-            try:
-                ips = await self._run(self.ipam.allocate, cidrs, req.container_id, req.ifname)
-            except AlreadyAllocated as exc:
-                raise ApiError(errors.ALREADY_EXISTS, str(exc)) from None
-            except IpamExhausted as exc:
-                raise ApiError(errors.IPAM_EXHAUSTED, str(exc)) from None
-            except IpamError as exc:
-                raise ApiError(errors.IO_FAILURE, f"IPAM: {exc}") from None
+            ips = await self.run_blocking(self.ipam.allocate, cidrs, req.container_id, req.ifname)  # IpamError has its code
             pending = self._pending_deletes.get(host_name)
             if pending is not None:  # the same attachment was deleted a moment ago: let the old veth go first
                 await asyncio.shield(pending)
             mtu = self.effective_mtu(req.config)
             try:
-                result = await self._run(wiring.add_endpoint, host_name, req.netns, req.ifname, ips, mtu)
-            except NetnsGone as exc:
-                raise ApiError(errors.UNKNOWN_CONTAINER, str(exc)) from None
+                result = await self.run_blocking(wiring.add_endpoint, host_name, req.netns, req.ifname, ips, mtu)
+            except NetnsGone:
+                raise
             except (wiring.WiringError, NetlinkError, OSError) as exc:
-                raise ApiError(errors.WIRING_FAILED, f"wiring {ctx} failed: {exc}", type(exc).__name__) from None
+                raise wiring.WiringError(f"wiring {ctx} failed: {exc}", type(exc).__name__) from None
             wired = True
             endpoint = Endpoint(
                 container_id=req.container_id,
@@ -219,7 +204,7 @@ class CniService:
                 pod_namespace=req.pod_namespace,
                 pod_name=req.pod_name,
             )
-            await self._run(self.store.put, endpoint)
+            await self.run_blocking(self.store.put, endpoint)
             persisted = True
             if self.hooks is not None:
                 hooked = True
@@ -227,7 +212,7 @@ class CniService:
                     await self.hooks.endpoint_added(endpoint)
                 except Exception as exc:
                     log.exception("endpoint hook refused %s", ctx)
-                    raise ApiError(errors.HOOK_FAILED, f"endpoint {ctx} not accepted: {exc}") from None
+                    raise RoutedError(f"endpoint {ctx} not accepted: {exc}", code=Code.HOOK_FAILED) from None
             log.info("ADD %s: %s via %s", ctx, ips, host_name)
             prev = req.config.get("prevResult")
             return build_add_result(
@@ -271,11 +256,11 @@ class CniService:
                 with contextlib.suppress(Exception):
                     await self.hooks.endpoint_removed(hooked)
             if persisted:
-                await self._run(self.store.remove, req.container_id, req.ifname)
+                await self.run_blocking(self.store.remove, req.container_id, req.ifname)
             if wired:
-                await self._run(wiring.del_endpoint, host_name, ips)
+                await self.run_blocking(wiring.del_endpoint, host_name, ips)
             if ips:
-                await self._run(self.ipam.release_ips, req.container_id, req.ifname, ips)
+                await self.run_blocking(self.ipam.release_ips, req.container_id, req.ifname, ips)
         except Exception:
             log.exception("undoing the failed ADD of %s/%s left something behind", req.container_id, req.ifname)
 
@@ -286,9 +271,9 @@ class CniService:
             return
         # Not persisted (never added, already deleted, or an ADD that crashed): clean what may be left.
         host_name = host_veth_name(req.container_id, req.ifname)
-        ips = await self._run(self.ipam.get, req.container_id, req.ifname)
-        await self._run(wiring.del_endpoint, host_name, ips)
-        await self._run(self.ipam.release, req.container_id, req.ifname)
+        ips = await self.run_blocking(self.ipam.get, req.container_id, req.ifname)
+        await self.run_blocking(wiring.del_endpoint, host_name, ips)
+        await self.run_blocking(self.ipam.release, req.container_id, req.ifname)
         log.info("DEL %s/%s: nothing persisted, cleaned %s", req.container_id, req.ifname, ips or "nothing")
 
     async def _remove_endpoint(self, endpoint: Endpoint) -> None:
@@ -298,11 +283,11 @@ class CniService:
             except Exception:
                 log.exception("endpoint_removed hook failed for %s/%s", endpoint.container_id, endpoint.ifname)
         try:
-            present = await self._run(wiring.detach_endpoint, endpoint.host_ifname, endpoint.ips)
+            present = await self.run_blocking(wiring.detach_endpoint, endpoint.host_ifname, endpoint.ips)
         except (NetlinkError, OSError) as exc:
-            raise ApiError(errors.WIRING_FAILED, f"removing {endpoint.host_ifname} failed: {exc}") from None
-        await self._run(self.ipam.release, endpoint.container_id, endpoint.ifname)
-        await self._run(self.store.remove, endpoint.container_id, endpoint.ifname)
+            raise wiring.WiringError(f"removing {endpoint.host_ifname} failed: {exc}") from None
+        await self.run_blocking(self.ipam.release, endpoint.container_id, endpoint.ifname)
+        await self.run_blocking(self.store.remove, endpoint.container_id, endpoint.ifname)
         if present:
             self._schedule_delete(endpoint.host_ifname)
         log.info("DEL %s/%s: removed %s %s", endpoint.container_id, endpoint.ifname, endpoint.host_ifname, endpoint.ips)
@@ -312,7 +297,7 @@ class CniService:
 
         async def finish() -> None:
             try:
-                await self._run(wiring.delete_link, host_name)
+                await self.run_blocking(wiring.delete_link, host_name)
             except Exception:
                 log.exception("deleting host veth %s failed (the next restart or GC sweeps it)", host_name)
             finally:
@@ -325,19 +310,16 @@ class CniService:
     async def _check(self, req: CniRequest) -> None:
         endpoint = self.store.get(req.container_id, req.ifname)
         if endpoint is None:
-            raise ApiError(errors.CHECK_FAILED, f"no endpoint for container {req.container_id} ifname {req.ifname}")
+            raise wiring.CheckError(f"no endpoint for container {req.container_id} ifname {req.ifname}")
         prev = req.config.get("prevResult") or {}
         prev_ips = {str(ip.get("address", "")).split("/")[0] for ip in prev.get("ips") or [] if isinstance(ip, dict)}
         missing = [ip for ip in endpoint.ips if ip not in prev_ips]
         if missing:
-            raise ApiError(errors.CHECK_FAILED, f"prevResult does not list {', '.join(missing)}")
+            raise wiring.CheckError(f"prevResult does not list {', '.join(missing)}")
         names = {i.get("name") for i in prev.get("interfaces") or [] if isinstance(i, dict)}
         if req.ifname not in names:
-            raise ApiError(errors.CHECK_FAILED, f"prevResult does not list interface {req.ifname}")
-        try:
-            await self._run(wiring.check_endpoint, endpoint.host_ifname, req.netns, req.ifname, list(endpoint.ips))
-        except wiring.CheckError as exc:
-            raise ApiError(errors.CHECK_FAILED, str(exc)) from None
+            raise wiring.CheckError(f"prevResult does not list interface {req.ifname}")
+        await self.run_blocking(wiring.check_endpoint, endpoint.host_ifname, req.netns, req.ifname, list(endpoint.ips))
 
     async def _gc(self, req: CniRequest) -> None:
         if VALID_ATTACHMENTS_KEY not in req.config:
@@ -355,12 +337,12 @@ class CniService:
                     log.info("GC removes %s/%s", endpoint.container_id, endpoint.ifname)
                     await self._remove_endpoint(endpoint)
         keep = [(ep.container_id, ep.ifname) for ep in self.store.all()] + list(self._in_flight.values())
-        await self._run(self.ipam.gc, keep)
+        await self.run_blocking(self.ipam.gc, keep)
         wanted_links = {ep.host_ifname for ep in self.store.all()} | {
             host_veth_name(c, i) for c, i in self._in_flight.values()
         }
-        for name in set(await self._run(wiring.host_veths)) - wanted_links:
+        for name in set(await self.run_blocking(wiring.host_veths)) - wanted_links:
             log.info("GC removes orphan host veth %s", name)
             with contextlib.suppress(NetlinkError, OSError):
-                await self._run(wiring.delete_link, name)
+                await self.run_blocking(wiring.delete_link, name)
         return None

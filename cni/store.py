@@ -12,21 +12,15 @@ import threading
 from typing import Any
 
 from cni.names import attachment_key
+from routed.api_types import EndpointRecord
 from routed.model import Endpoint
 
 log = logging.getLogger(__name__)
 
 
-def endpoint_to_dict(ep: Endpoint) -> dict[str, Any]:
-    return {
-        "containerId": ep.container_id,
-        "ifname": ep.ifname,
-        "netns": ep.netns,
-        "hostIfname": ep.host_ifname,
-        "ips": list(ep.ips),
-        "podNamespace": ep.pod_namespace,
-        "podName": ep.pod_name,
-    }
+def endpoint_to_dict(ep: Endpoint) -> EndpointRecord:
+    return EndpointRecord(containerId=ep.container_id, ifname=ep.ifname, netns=ep.netns, hostIfname=ep.host_ifname,
+                          ips=list(ep.ips), podNamespace=ep.pod_namespace, podName=ep.pod_name)
 
 
 def endpoint_from_dict(d: dict[str, Any]) -> Endpoint:

@@ -25,6 +25,7 @@ from cni.netnsfd import NetnsGone, netlink_socket_in, open_netns
 from cni.result import POD_GATEWAY_V4, Interface
 from cni.rtnl import Rtnl, RtnlError
 from routed.constants import ROUTE_PROTO_LOCAL
+from routed.errors import Code, RoutedError
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ DEFAULT_MTU = 1500
 WIRED_FAMILIES = (4,)  # IP versions add_endpoint can configure today (IPv6: addresses/routes shaped, not wired)
 
 
-class WiringError(Exception):
-    pass
+class WiringError(RoutedError):
+    code = Code.WIRING_FAILED
 
 
 class CheckError(WiringError):
-    pass
+    code = Code.CHECK_FAILED
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,44 @@ def local_pod_routes() -> list[tuple[str, int]]:
     return out
 
 
+HOST_SYSCTLS_V4 = (("ipv4/conf", "proxy_arp", "1"), ("ipv4/conf", "forwarding", "1"), ("ipv4/neigh", "proxy_delay", "0"))
+
+
+def _host_sysctls(host_name: str, ips: Sequence[str]) -> list[tuple[str, str]]:
+    wanted = [(f"/proc/sys/net/{tree}/{host_name}/{key}", value) for tree, key, value in HOST_SYSCTLS_V4]
+    if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
+        wanted += [(f"/proc/sys/net/ipv6/conf/{host_name}/proxy_ndp", "1"),
+                   (f"/proc/sys/net/ipv6/conf/{host_name}/forwarding", "1")]
+    return wanted
+
+
+def repair_host_side(endpoints: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
+    """Restore what ADD set up on the host side of each (host veth, pod IPs) whose veth still exists: the
+    per-pod routes (protocol ROUTE_PROTO_LOCAL) and the veth's sysctls. Reads first, writes only what
+    differs; returns what it restored (empty when the kernel already matched)."""
+    veths = host_veths()
+    have = set(local_pod_routes())
+    repaired: list[str] = []
+    host = thread_rtnl()
+    for host_name, ips in endpoints:
+        index = veths.get(host_name)
+        if index is None:
+            continue  # the veth itself is gone (the pod's netns went): a DEL or GC cleans up
+        for ip in ips:
+            if (f"{ip}/{_host_len(ip)}", index) not in have:
+                host.route("replace", ip, _host_len(ip), oif=index, scope=RT_SCOPE_LINK, proto=ROUTE_PROTO_LOCAL)
+                repaired.append(f"route {ip}/{_host_len(ip)} dev {host_name}")
+        for path, value in _host_sysctls(host_name, ips):
+            try:
+                current = open(path).read().strip()
+            except OSError:
+                continue
+            if current != value:
+                _sysctl(path, value)
+                repaired.append(f"{path}={value}")
+    return repaired
+
+
 def delete_link(name: str) -> bool:
     rt = thread_rtnl()
     link = rt.get_link(name)
@@ -200,13 +239,10 @@ def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str
         if host_link is None:
             raise WiringError(f"host veth {host_name} vanished right after creation")
         host_idx, host_mac = host_link
-        _sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/proxy_arp", "1")
-        _sysctl(f"/proc/sys/net/ipv4/conf/{host_name}/forwarding", "1")
-        # answer the pod's ARP for 169.254.1.1 at once (the default proxy_delay holds replies up to 0.8 s)
-        _sysctl(f"/proc/sys/net/ipv4/neigh/{host_name}/proxy_delay", "0")
-        if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
-            _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/proxy_ndp", "1")
-            _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/forwarding", "1")
+        # proxy_arp + forwarding; proxy_delay=0 answers the pod's ARP for 169.254.1.1 at once (the default
+        # holds replies up to 0.8 s)
+        for path, value in _host_sysctls(host_name, ips):
+            _sysctl(path, value)
         with Rtnl(netlink_socket_in(nsfd)) as pod:
             pod_link = pod.get_link(ifname)
             if pod_link is None:

@@ -2,7 +2,7 @@
 """Install the CNI plugin and network config on the host (the DaemonSet's init container runs this).
 
 The plugin is stdlib-only Python run by the host's python3 (>= 3.11), outside the image:
-- its modules (cni/*.py, routed/__init__.py, routed/constants.py) go to BIN_DIR/.routed-cni/<content hash>/,
+- its modules (cni/*.py, routed/__init__.py, constants.py, errors.py) go to BIN_DIR/.routed-cni/<content hash>/,
   precompiled; the directory is written under a temporary name and renamed into place;
 - BIN_DIR/routed-cni is a launcher (cni.launcher format: `python3 -IS`, that directory on sys.path), written to a
   temporary file, fsync'ed and renamed over the old one;
@@ -35,7 +35,7 @@ LIB_DIR = ".routed-cni"
 KEEP_LIBS = 2
 # What the thin plugin imports: the cni package (its heavy modules are never imported by cni.plugin) and
 # the stdlib-only parts of routed it uses.
-ROUTED_MODULES = ("__init__.py", "constants.py")
+ROUTED_MODULES = ("__init__.py", "constants.py", "errors.py")
 
 
 def launcher_text(python: str, root: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from policy import names
 from policy.model import EGRESS, INGRESS, IpBlock, Peer, Policy, PortSpec, Rule, parse_policy
+from routed.api_types import InvalidPolicy
 from routed.model import Endpoint, Namespace, Pod
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,8 @@ class PolicyProblem:
     reasons: tuple[str, ...]
     fail_closed: tuple[str, ...]  # directions its selected pods are denied in
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"policy": self.key, "reasons": list(self.reasons), "fail_closed": list(self.fail_closed)}
+    def as_report(self) -> InvalidPolicy:
+        return InvalidPolicy(policy=self.key, reasons=list(self.reasons), failClosed=list(self.fail_closed))
 
 
 @dataclass
@@ -234,7 +235,7 @@ class Calculator:
         identity = f"port|{protocol}|{port_name}"
         name = names.ipset_name("p", identity)
         if name not in self.sets:
-            members = set()
+            members: set[str] = set()
             for pod in self.pods.values():
                 if pod.host_network:
                     continue

@@ -1,4 +1,9 @@
-"""The facade the agent calls (blocking; the agent runs it in a thread): compute, diff, apply, report."""
+"""The facade the agent calls (blocking; the agent runs it in a thread): compute, diff, apply, report.
+
+`sync` makes one attempt and raises PolicyApplyError when it fails (the caller retries with the shared
+backoff: policy/component.py); `ensure_endpoint`, on the CNI ADD path, makes up to 1 + `apply_retries`
+quick attempts because a pod is waiting for it. The kernel keeps the last good state after a failure.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,11 @@ from policy.dataplane.ipsets import ActualSet, IpsetDataplane, normalise
 from policy.dataplane.iptables import TableState, detect_backend, diff, read_table
 from policy.dataplane.writers import Writer, make_writer
 from policy.render import RenderOptions, Ruleset, render
+from routed import failpoints
+from routed.api_types import InvalidPolicy, PolicyReport
+from routed.backoff import Backoff
 from routed.config import PolicyOptions
+from routed.errors import Code, RoutedError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,7 @@ class ApplyReport:
     ipsets: int = 0
     members: int = 0
     endpoints: int = 0
-    invalid: list[dict[str, Any]] = field(default_factory=list)
+    invalid: list[InvalidPolicy] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     writer: str = ""
@@ -40,6 +49,16 @@ class ApplyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class PolicyApplyError(RoutedError):
+    """The calculation or the kernel apply failed; the last good dataplane stays. `.report` says how far it got."""
+
+    code = Code.POLICY_APPLY_FAILED
+
+    def __init__(self, report: ApplyReport) -> None:
+        super().__init__(f"policy not applied: {report.error}")
+        self.report = report
 
 
 class PolicyController:
@@ -69,8 +88,8 @@ class PolicyController:
         self._ready = False
         self._ruleset: Ruleset | None = None
         self._calc: Calculation | None = None
-        self.backoff_base = 0.05
-        self.backoff_max = 2.0
+        self.failures = 0  # consecutive failed syncs
+        self.endpoint_backoff = Backoff(base=0.05, cap=1.0)  # the CNI ADD path's quick retries
         # ipset membership is trusted from the last successful apply for this long, then re-read from the
         # kernel (dumping 30,000 members costs ~0.3 s); iptables is always read back (cheap, and it is
         # the ownership/atomicity check).
@@ -86,31 +105,37 @@ class PolicyController:
 
     # -- public API -------------------------------------------------------------------------------------
     def sync(self, inputs: PolicyInputs) -> ApplyReport:
+        """Compute and apply once; raises PolicyApplyError on failure."""
         with self._lock:
             return self._sync(inputs)
 
     def ensure_endpoint(self, inputs: PolicyInputs) -> ApplyReport:
-        """CNI ADD fast path: the whole sync (unchanged chains are not rewritten, so it is cheap)."""
-        return self.sync(inputs)
+        """CNI ADD path: a sync (unchanged chains are not rewritten, so it is cheap), retried a few times quickly."""
+        self.endpoint_backoff.reset()
+        for attempt in range(max(0, self.options.apply_retries) + 1):
+            try:
+                return self.sync(inputs)
+            except PolicyApplyError:
+                if attempt >= self.options.apply_retries:
+                    raise
+                self.endpoint_backoff.wait()
+        raise AssertionError("unreachable")
 
-    def report(self) -> dict[str, Any]:
+    def force_readback(self) -> None:
+        """The next apply reads everything back from the kernel (the periodic resync: repair drift)."""
+        self._sets_cache = None
+
+    def report(self) -> PolicyReport:
         last = self._last
-        return {
-            "node": self.node_name,
-            "ready": self._ready,
-            "writer": self.options.iptables_writer,
-            "backend": self.backend,
-            "invalid_policies": list(last.invalid) if last else [],
-            "rules": last.rules if last else 0,
-            "chains": last.chains if last else 0,
-            "ipsets": last.ipsets if last else 0,
-            "members": last.members if last else 0,
-            "endpoints": last.endpoints if last else 0,
-            "last_apply_time": self._last_ok_time,
-            "last_apply_duration_s": last.duration_s if last else None,
-            "last_error": last.error if last else None,
-            "warnings": list(last.warnings) if last else [],
-        }
+        return PolicyReport(
+            enabled=True, node=self.node_name, ready=self._ready, writer=self.options.iptables_writer,
+            backend=self.backend, invalidPolicies=list(last.invalid) if last else [],
+            rules=last.rules if last else 0, chains=last.chains if last else 0, ipsets=last.ipsets if last else 0,
+            members=last.members if last else 0, endpoints=last.endpoints if last else 0,
+            lastApplyTime=self._last_ok_time, lastApplySeconds=last.duration_s if last else None,
+            lastError=(last.error or "") if last else "", failures=self.failures,
+            warnings=list(last.warnings) if last else [],
+        )
 
     def drop_counters(self) -> dict[str, int]:
         """Packets dropped per endpoint (pod key): the counters of the DROP rules of its chains."""
@@ -143,6 +168,7 @@ class PolicyController:
 
     # -- internals --------------------------------------------------------------------------------------
     def _apply_once(self, calc: Calculation, ruleset: Ruleset, report: ApplyReport) -> None:
+        failpoints.hit("policy.apply")
         now = time.monotonic()
         if self._sets_cache is not None and now - self._sets_read_at < self.ipset_resync_s:
             actual_sets = self._sets_cache
@@ -174,7 +200,7 @@ class PolicyController:
             log.exception("policy calculation failed")
             report.error = f"calculation failed: {exc}"
             return self._finish(report, start)
-        report.invalid = [p.as_dict() for p in calc.problems]
+        report.invalid = [p.as_report() for p in calc.problems]
         report.warnings = list(calc.warnings)
         report.rules = ruleset.rule_count()
         report.chains = len(ruleset.chains)
@@ -184,19 +210,12 @@ class PolicyController:
         for problem in calc.problems:
             log.warning("invalid NetworkPolicy %s (failing closed for %s): %s", problem.key,
                         "/".join(problem.fail_closed), "; ".join(problem.reasons))
-        retries = max(0, self.options.apply_retries)
-        for attempt in range(retries + 1):
-            report.attempts = attempt + 1
-            try:
-                self._apply_once(calc, ruleset, report)
-                report.ok = True
-                report.error = None
-                break
-            except Exception as exc:
-                report.error = str(exc)
-                log.warning("policy apply attempt %d/%d failed: %s", attempt + 1, retries + 1, exc)
-                if attempt < retries:
-                    time.sleep(min(self.backoff_max, self.backoff_base * (2**attempt)))
+        report.attempts = 1
+        try:
+            self._apply_once(calc, ruleset, report)
+            report.ok = True
+        except Exception as exc:
+            report.error = str(exc)
         report.changed = report.iptables_ops + report.ipset_ops > 0
         if report.ok:
             self._ruleset, self._calc = ruleset, calc
@@ -208,8 +227,10 @@ class PolicyController:
         self._ready = report.ok
         self._last = report
         if not report.ok:
-            log.error("policy not applied, keeping the last good state: %s", report.error)
+            self.failures += 1
+            raise PolicyApplyError(report)
+        self.failures = 0
         return report
 
 
-__all__ = ["ApplyReport", "PolicyController", "PolicyInputs", "names"]
+__all__ = ["ApplyReport", "PolicyApplyError", "PolicyController", "PolicyInputs", "names"]

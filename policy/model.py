@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.selectors import Selector, SelectorError, parse_selector
+from routed.errors import Code, RoutedError
 
 INGRESS = "Ingress"
 EGRESS = "Egress"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
-class PolicyError(ValueError):
-    pass
+class PolicyError(RoutedError, ValueError):
+    code = Code.POLICY_INVALID
 
 
 @dataclass(frozen=True)

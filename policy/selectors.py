@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from routed.errors import Code, RoutedError
+
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
@@ -18,8 +20,10 @@ _KEY_RE = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
 _VALUE_RE = re.compile(rf"^({_NAME})?$")
 
 
-class SelectorError(ValueError):
+class SelectorError(RoutedError, ValueError):
     """A selector that Kubernetes would reject; the message says which part and why."""
+
+    code = Code.POLICY_INVALID
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Request:  {"method": "cni.add", "params": {...}}
 Response: {"result": <any>}  or  {"error": {"code": <int>, "msg": <str>, "details": <str>}}
 
-Error codes follow the CNI spec where a CNI call is answered (the plugin prints them unchanged);
-other methods use 100+ codes. Used by `routed-cni` (which has its own stdlib client, see cni/plugin.py)
+Errors are routed.errors.RoutedError, mapped here once: `{code, msg, details}` with the codes of
+routed.errors.Code (the CNI spec's where a CNI call is answered, 100+ for routed's own). Used by `routed-cni` (which has its own stdlib client, see cni/plugin.py)
 and by the `routed` CLI (the client below).
 """
 
@@ -16,36 +16,35 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 from typing import Any
+
+from routed.component import ApiHandler
+from routed.errors import Code, RoutedError
+from routed.supervisor import Liveness
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
-
-
-class ApiError(Exception):
-    """An error the handler wants returned to the caller as-is."""
-
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.details = details
-
-    def to_json(self) -> dict[str, Any]:
-        return {"code": self.code, "msg": self.msg, "details": self.details}
 
 
 class ApiServer:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, ApiHandler] = {}
         self._server: asyncio.base_events.Server | None = None
 
-    def register(self, method: str, handler: Handler) -> None:
+    def register(self, method: str, handler: ApiHandler) -> None:
         self._handlers[method] = handler
+
+    def register_unavailable(self, methods: Iterable[str], why: str) -> None:
+        """Methods of a component that is disabled here: answered with NOT_RUNNING and the reason."""
+
+        async def unavailable(params: dict[str, Any]) -> Any:
+            raise RoutedError(why, code=Code.NOT_RUNNING)
+
+        for method in methods:
+            self._handlers[method] = unavailable
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -59,6 +58,12 @@ class ApiServer:
         os.chmod(tmp_path, 0o600)
         os.replace(tmp_path, self.path)
         log.info("local API listening on %s", self.path)
+
+    async def serve(self, liveness: Liveness) -> None:
+        """The supervised task `api` (fatal: an agent nobody can reach must be restarted)."""
+        if self._server is None:
+            raise RuntimeError("the local API is not bound")
+        await self._server.serve_forever()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -91,21 +96,21 @@ class ApiServer:
             if not isinstance(params, dict):
                 raise TypeError("params must be an object")
         except (ValueError, KeyError, TypeError) as exc:
-            return {"error": {"code": 106, "msg": "malformed API request", "details": str(exc)}}
+            return {"error": RoutedError("malformed API request", str(exc), code=Code.MALFORMED_REQUEST).to_json()}
         handler = self._handlers.get(method)
         if handler is None:
-            return {"error": {"code": 104, "msg": f"unknown method {method!r}", "details": ""}}
+            return {"error": RoutedError(f"unknown method {method!r}", code=Code.UNKNOWN_METHOD).to_json()}
         try:
             return {"result": await handler(params)}
-        except ApiError as exc:
+        except RoutedError as exc:
             return {"error": exc.to_json()}
         except Exception as exc:
             log.exception("API method %s failed", method)
-            return {"error": {"code": 999, "msg": f"{method} failed: {exc}", "details": type(exc).__name__}}
+            return {"error": RoutedError(f"{method} failed: {exc}", type(exc).__name__).to_json()}
 
 
 def call(path: str, method: str, params: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """Blocking client for the CLI and tests. Raises ApiError on an error response, OSError if unreachable."""
+    """Blocking client for the CLI and tests. Raises RoutedError on an error response, OSError if unreachable."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -117,9 +122,8 @@ def call(path: str, method: str, params: dict[str, Any] | None = None, timeout: 
                 break
             chunks.append(chunk)
     if not chunks:
-        raise ApiError(105, "agent closed the connection without answering")
+        raise RoutedError("agent closed the connection without answering", code=Code.NO_ANSWER)
     response = json.loads(b"".join(chunks))
     if "error" in response:
-        err = response["error"]
-        raise ApiError(int(err.get("code", 999)), str(err.get("msg", "")), str(err.get("details", "")))
+        raise RoutedError.from_json(response["error"])
     return response.get("result")

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from routed.constants import DEFAULT_SOCKET
@@ -71,20 +72,25 @@ def _socket_for(args: argparse.Namespace) -> str:
 
 
 def _call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
-    from routed.api import ApiError, call
+    """One local API call; an error answer or an unreachable agent ends the CLI (routed.errors.cli_exit_status)."""
+    from routed.api import call
+    from routed.errors import CLI_EXIT_UNREACHABLE, RoutedError, cli_exit_status
 
     path = _socket_for(args)
     try:
         return call(path, method, params)
-    except ApiError as exc:
-        sys.exit(f"routed: {exc.msg}{': ' + exc.details if exc.details else ''}")
+    except RoutedError as exc:
+        print(f"routed: {exc.msg}{': ' + exc.details if exc.details else ''}", file=sys.stderr)
+        sys.exit(cli_exit_status(exc))
     except OSError as exc:
-        sys.exit(f"routed: cannot reach the agent at {path}: {exc}")
+        print(f"routed: cannot reach the agent at {path}: {exc}", file=sys.stderr)
+        sys.exit(CLI_EXIT_UNREACHABLE)
 
 
 def _run_view(args: argparse.Namespace) -> int:
     from routed import views
 
+    render: Callable[[Any], str]
     if args.command == "status":
         data = _call(args, "status")
         render = views.render_status
@@ -125,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, overrides)
         except ValueError as exc:
             sys.exit(f"routed agent: invalid configuration: {exc}")
-        run_agent(config)
-        return 0
+        return run_agent(config)
     if args.command == "lab":
         from routed.lab.cli import run_lab
 

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from routed.constants import DEFAULT_SOCKET, DEFAULT_STATE_DIR
 
 ENV_PREFIX = "ROUTED_"
+# ROUTED_* variables that are not agent settings (the CLI's default socket, test failpoints)
+NOT_SETTINGS = frozenset({"ROUTED_SOCKET", "ROUTED_FAILPOINTS"})
 
 
 class PolicyOptions(BaseModel):
@@ -50,6 +52,9 @@ class AgentConfig(BaseModel):
     log_file: str = ""
     log_level: str = "INFO"
     mtu: int | None = Field(None, ge=576, le=65535)  # pod veth MTU; None: the uplink's MTU
+    # Felix-style periodic resync: policy, routes, BGP and the pod wiring are all re-checked against the kernel
+    # this often, so drift made by someone else (a rule or route deleted by hand) is repaired.
+    resync_interval: float = Field(180.0, ge=0.5)
     policy: PolicyOptions = PolicyOptions()
     bgp: BgpOptions = BgpOptions()
 
@@ -62,7 +67,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """ROUTED_NODE_NAME=x -> {"node_name": "x"}; ROUTED_POLICY__DENY_LOG=true -> {"policy": {"deny_log": "true"}}."""
     result: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         target = result

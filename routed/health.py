@@ -1,4 +1,9 @@
-"""HTTP /healthz, /readyz and /metrics for the agent (asyncio, no extra threads)."""
+"""HTTP /healthz, /readyz and /metrics for the agent (asyncio, no extra threads).
+
+/healthz (liveness) fails when a task the agent cannot work without is dead, restarting or stuck (see
+routed/supervisor.py), so Kubernetes restarts the pod; since it is served by the event loop itself, a blocked
+loop fails it too (the probe times out). /readyz fails until every component is ready and says why.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 log = logging.getLogger(__name__)
 
-ReadinessCheck = Callable[[], tuple[bool, list[str]]]
+Check = Callable[[], tuple[bool, list[str]]]
 
 
 class HealthServer:
-    def __init__(self, listen: str, readiness: ReadinessCheck, registry: CollectorRegistry) -> None:
+    def __init__(self, listen: str, liveness: Check, readiness: Check, registry: CollectorRegistry) -> None:
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]") or "127.0.0.1"
         self.port = int(port)
+        self.liveness = liveness
         self.readiness = readiness
         self.registry = registry
         self._server: asyncio.base_events.Server | None = None
@@ -34,7 +40,9 @@ class HealthServer:
 
     def _respond(self, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
+            live, reasons = self.liveness()
+            body = ("ok\n" if live else "unhealthy: " + "; ".join(reasons) + "\n").encode()
+            return (200 if live else 503), "text/plain", body
         if path == "/readyz":
             ready, reasons = self.readiness()
             body = ("ok\n" if ready else "not ready: " + "; ".join(reasons) + "\n").encode()

@@ -14,13 +14,14 @@ import time
 from collections.abc import Sequence
 
 from routed.constants import NETNS_PREFIX
+from routed.errors import Code, RoutedError
 
 log = logging.getLogger(__name__)
 NETNS_DIR = "/var/run/netns"
 
 
-class NetnsError(RuntimeError):
-    pass
+class NetnsError(RoutedError):
+    code = Code.NETNS_FAILED
 
 
 def _check_name(name: str) -> None:

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from routed.api_types import (
+    AgentStatus,
+    BgpPeerStatus,
+    BgpRoute,
+    IpamShow,
+    PolicyExplain,
+    PolicyShow,
+    Verdict,
+)
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A fixed-width table of the given columns; lists are joined with spaces."""
 
     def cell(value: Any) -> str:
@@ -25,29 +35,40 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
-def render_status(data: dict[str, Any]) -> str:
+def render_status(data: AgentStatus) -> str:
+    reasons = data["reasons"]
+    datastore = data["datastore"]
     out = [
-        f"node:       {data.get('node')}",
-        f"ready:      {data.get('ready')}" + (f" ({'; '.join(data.get('reasons') or [])})" if data.get("reasons") else ""),
-        f"pod CIDRs:  {', '.join(data.get('pod_cidrs') or []) or '-'}",
-        f"endpoints:  {data.get('endpoints')}",
-        f"datastore:  {data.get('datastore', {}).get('kind')} synced={data.get('datastore', {}).get('synced')}",
+        f"node:       {data['node']}",
+        f"ready:      {data['ready']}" + (f" ({'; '.join(reasons)})" if reasons else ""),
+        f"live:       {data['live']}" + (f" ({'; '.join(data['liveReasons'])})" if data["liveReasons"] else ""),
+        f"pod CIDRs:  {', '.join(data['podCIDRs']) or '-'}",
+        f"endpoints:  {data['endpoints']}",
+        f"datastore:  {datastore['kind']} synced={datastore['synced']}"
+        + (f" error: {datastore['error']}" if datastore["error"] else ""),
     ]
-    policy = data.get("policy") or {}
-    if "rules" in policy:
-        out.append(
-            f"policy:     {policy.get('rules', 0)} rules, {policy.get('ipsets', 0)} ipsets, "
-            f"{len(policy.get('invalid_policies') or [])} invalid policies"
-        )
-        for item in policy.get("invalid_policies") or []:
-            out.append(f"  invalid: {item}")
-    bgp = data.get("bgp") or {}
-    peers = bgp.get("peers") if isinstance(bgp, dict) else None
-    if peers:
-        out.append("BGP peers:")
-        out.append(table(peer_rows(peers), ["peer", "asn", "state", "since", "received", "advertised", "error"]).rstrip())
-    elif isinstance(bgp, dict) and bgp.get("enabled") is False:
+    policy = data["policy"]
+    if policy["enabled"]:
+        out.append(f"policy:     {policy['rules']} rules, {policy['ipsets']} ipsets, "
+                   f"{len(policy['invalidPolicies'])} invalid policies"
+                   + (f", last error: {policy['lastError']}" if policy["lastError"] else ""))
+        for item in policy["invalidPolicies"]:
+            out.append(f"  invalid: {item['policy']}: {'; '.join(item['reasons'])} "
+                       f"(fails closed for {', '.join(item['failClosed']) or 'nothing'})")
+    else:
+        out.append("policy:     disabled")
+    troubled = [t for t in data["tasks"] if t["state"] != "running" or t["restarts"]]
+    if troubled:
+        out.append("tasks:")
+        out.append(table(troubled, ["name", "state", "restarts", "lastError"]).rstrip())
+    bgp = data["bgp"]
+    if not bgp["enabled"]:
         out.append("BGP:        disabled")
+    elif bgp["peers"]:
+        out.append(f"BGP:        AS {bgp['asNumber']}, router ID {bgp['routerID']}, "
+                   f"{bgp['routesInstalled']} routes installed")
+        out.append(table(peer_rows(bgp["peers"]), ["peer", "asn", "state", "since", "received", "advertised",
+                                                   "error"]).rstrip())
     return "\n".join(out) + "\n"
 
 
@@ -62,52 +83,50 @@ def _age(since: Any) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60}m"
 
 
-def peer_rows(peers: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def peer_rows(peers: Sequence[BgpPeerStatus]) -> list[dict[str, Any]]:
     """BGP peers as the agent reports them, shaped for a table (like `calicoctl node status`)."""
     return [
-        {**p, "peer": p.get("address", p.get("peer", "")), "since": _age(p.get("since")),
-         "error": p.get("last_error", "")}
+        {"peer": p["address"], "asn": p["asNumber"], "state": p["state"], "since": _age(p["since"]),
+         "received": p["received"], "advertised": p["advertised"], "error": p["lastError"]}
         for p in peers
     ]
 
 
-def render_ipam(data: dict[str, Any]) -> str:
-    head = f"CIDRs: {', '.join(data.get('cidrs') or []) or '-'}\n"
-    return head + table(data.get("allocations") or [], ["ip", "containerId", "ifname"])
+def render_ipam(data: IpamShow) -> str:
+    head = f"CIDRs: {', '.join(data['cidrs']) or '-'}\n"
+    return head + table(data["allocations"], ["ip", "containerId", "ifname"])
 
 
-def render_routes(data: Any) -> str:
-    rows = data if isinstance(data, list) else data.get("routes", [])
+def render_routes(rows: list[BgpRoute]) -> str:
     shaped = [
-        {**r, "next_hop": r.get("next_hop") or r.get("nexthop", ""),
+        {"peer": r.get("peer", ""), "prefix": r.get("prefix", ""), "next hop": r.get("nextHop", ""),
+         "AS path": r.get("asPath", []), "communities": r.get("communities", []),
          "status": ("" if r.get("accepted", True) else f"rejected: {r.get('rejected', '')}")
          + (" (stale)" if r.get("stale") else "")}
         for r in rows
     ]
-    return table(shaped, ["peer", "prefix", "next_hop", "as_path", "communities", "status"])
+    return table(shaped, ["peer", "prefix", "next hop", "AS path", "communities", "status"])
 
 
-def render_explain(data: dict[str, Any]) -> str:
-    verdict = "ALLOWED" if data.get("allowed") else "DENIED"
-    src_pod = (data.get("egress") or {}).get("pod")
-    dst_pod = (data.get("ingress") or {}).get("pod")
-    src = f"{src_pod} ({data.get('src')})" if src_pod else str(data.get("src"))
-    dst = f"{dst_pod} ({data.get('dst')})" if dst_pod else str(data.get("dst"))
-    lines = [f"{verdict}  {src} -> {dst} {data.get('protocol')}/{data.get('port')}"]
+def render_explain(data: PolicyExplain) -> str:
+    verdict = "ALLOWED" if data["allowed"] else "DENIED"
+    src_pod, dst_pod = data["egress"]["pod"], data["ingress"]["pod"]
+    src = f"{src_pod} ({data['src']})" if src_pod else data["src"]
+    dst = f"{dst_pod} ({data['dst']})" if dst_pod else data["dst"]
+    lines = [f"{verdict}  {src} -> {dst} {data['protocol']}/{data['port']}"]
     for key in ("egress", "ingress"):
-        part = data.get(key) or {}
-        if isinstance(part, dict):
-            who = part.get("pod") or "not a local pod"
-            state = "allowed" if part.get("allowed") else "denied"
-            lines.append(f"  {key:<7} ({who}): {state} - {part.get('reason', '')}")
-    for note in data.get("notes") or []:
+        part: Verdict = data[key]
+        who = part["pod"] or "not a local pod"
+        state = "allowed" if part["allowed"] else "denied"
+        lines.append(f"  {key:<7} ({who}): {state} - {part['reason']}")
+    for note in data["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines) + "\n"
 
 
-def render_policy_show(data: dict[str, Any]) -> str:
+def render_policy_show(data: PolicyShow) -> str:
     lines = []
     for direction in ("ingress", "egress"):
-        names = data.get(direction) or []
-        lines.append(f"{direction}: {', '.join(str(n) for n in names) if names else '(none: default allow)'}")
+        names: list[str] = data[direction]
+        lines.append(f"{direction}: {', '.join(names) if names else '(none: default allow)'}")
     return "\n".join(lines) + "\n"

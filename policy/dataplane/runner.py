@@ -6,10 +6,16 @@ import logging
 import subprocess
 from collections.abc import Sequence
 
+from routed.errors import Code, RoutedError
+
 log = logging.getLogger(__name__)
 
 
-class CommandError(RuntimeError):
+class CommandError(RoutedError):
+    """An iptables/ipset tool exited non-zero (its stderr is in the message)."""
+
+    code = Code.COMMAND_FAILED
+
     def __init__(self, cmd: Sequence[str], returncode: int, stderr: str) -> None:
         super().__init__(f"{' '.join(cmd)} failed ({returncode}): {stderr.strip()[:2000]}")
         self.returncode = returncode

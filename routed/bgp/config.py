@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from routed.errors import Code, RoutedError
 from routed.model import Node
 
 API_GROUP = "routed.dev/v1alpha1"
@@ -53,8 +54,8 @@ _LARGE_COMMUNITY = re.compile(r"^(\d+):(\d+):(\d+)$")
 _ASN_MAX = 4294967295
 
 
-class BgpConfigError(ValueError):
-    pass
+class BgpConfigError(RoutedError, ValueError):
+    code = Code.BGP_CONFIG_INVALID
 
 
 def _check_asn(v: int) -> int:
@@ -413,7 +414,7 @@ def resolve(
             if not fam_same:
                 continue
             # the lower address connects, the higher one listens: no connection collisions
-            passive = ipaddress.ip_address(addr) < ipaddress.ip_address(my_addr)
+            passive = int(ipaddress.ip_address(addr)) < int(ipaddress.ip_address(my_addr))  # same family here
             listen = listen or passive
             result[addr] = PeerConfig(address=addr, asn=other_asn, name=f"mesh:{other.name}", passive=passive)
     cfg = SpeakerConfig(

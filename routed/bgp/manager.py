@@ -2,6 +2,8 @@
 
 Kernel routes (protocol ROUTE_PROTO_BGP) learned in a previous run are kept until every peer has sent
 End-of-RIB after (re)connecting, or `startup_hold` seconds passed; then stale ones are removed.
+`update` raises when it cannot apply (the caller retries the same inputs: nothing is cached before success);
+the route loop (supervised task `bgp-routes`) retries failed kernel writes with the shared backoff.
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from routed import failpoints
+from routed.api_types import BgpRoute, BgpStatus
+from routed.backoff import Backoff
 from routed.bgp.config import Resolution, SpeakerConfig, resolve
 from routed.bgp.speaker import FAILURES_NOT_READY, Speaker
 from routed.config import BgpOptions
+from routed.errors import Code, RoutedError
 from routed.model import Node
 from routed.routes import RouteTable
+from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
 
 APPLY_RETRY_MIN = 0.5
 APPLY_RETRY_MAX = 10.0
 DEFAULT_STARTUP_HOLD = 120.0
+
+
+class BgpUpdateError(RoutedError):
+    code = Code.BGP_UPDATE_FAILED
 
 
 @dataclass(frozen=True)
@@ -36,17 +47,19 @@ class BgpInputs:
 
 
 class BgpManager:
-    def __init__(self, node_name: str, state_dir: str, run_dir: str, options: BgpOptions) -> None:
+    def __init__(self, node_name: str, state_dir: str, run_dir: str, options: BgpOptions,
+                 supervisor: Supervisor | None = None) -> None:
         self.node_name = node_name
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.options = options
-        self.speaker = Speaker(run_dir, exabgp=options.exabgp, listen_port=options.listen_port)
+        self.supervisor = supervisor or Supervisor()
+        self.speaker = Speaker(run_dir, exabgp=options.exabgp, listen_port=options.listen_port,
+                               supervisor=self.supervisor)
         self.routes = RouteTable()
         self.config: SpeakerConfig | None = None
         self.errors: list[str] = []
         self._last_inputs: BgpInputs | None = None
-        self._task: asyncio.Task[None] | None = None
         self._started = 0.0
         self._synced = False  # every peer sent End-of-RIB (or the hold expired): stale kernel routes may go
         self.startup_hold = DEFAULT_STARTUP_HOLD
@@ -64,30 +77,39 @@ class BgpManager:
             log.warning("cannot read kernel routes: %s", e)
         if self.installed:
             log.info("%d BGP routes from a previous run kept until peers send End-of-RIB", len(self.installed))
-        self._task = asyncio.create_task(self._route_loop(), name="bgp-routes")
+        self.supervisor.spawn("bgp-routes", self._route_loop, required=True)
 
     async def update(self, inputs: BgpInputs) -> None:
+        """Resolve this node's BGP config and hand it to the speaker; raises BgpUpdateError on failure (the same
+        inputs are applied again on the next call: they are remembered only once applied)."""
         if inputs == self._last_inputs:
             return
+        try:
+            failpoints.hit("bgp.update")
+            res: Resolution = resolve(inputs.node, inputs.nodes, inputs.peers, inputs.configs, inputs.secrets)
+            if res.errors != self.errors:
+                for e in res.errors:
+                    if e not in self.errors:
+                        log.warning("BGP config: %s", e)
+            self.errors = res.errors
+            if res.config is not None and res.config != self.config:
+                self.speaker.configure(res.config)
+                self.config = res.config
+                self.startup_hold = float(min(max(res.config.graceful_restart_time, 10), DEFAULT_STARTUP_HOLD))
+        except RoutedError as exc:
+            raise BgpUpdateError(f"BGP update failed: {exc.msg}", exc.details) from exc
+        except OSError as exc:
+            raise BgpUpdateError(f"BGP update failed: {exc}") from exc
         self._last_inputs = inputs
-        res: Resolution = resolve(inputs.node, inputs.nodes, inputs.peers, inputs.configs, inputs.secrets)
-        if res.errors != self.errors:
-            for e in res.errors:
-                if e not in self.errors:
-                    log.warning("BGP config: %s", e)
-        self.errors = res.errors
-        if res.config is None or res.config == self.config:
-            return
-        self.config = res.config
-        self.startup_hold = float(min(max(res.config.graceful_restart_time, 10), DEFAULT_STARTUP_HOLD))
-        self.speaker.configure(res.config)
+
+    def resync(self) -> None:
+        """The periodic resync: re-resolve on the next update and re-apply the learned routes to the kernel."""
+        self._last_inputs = None
+        self.speaker.changed.set()
 
     async def stop(self, graceful: bool = True) -> None:
         await self.speaker.stop(graceful=graceful)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.supervisor.stop_task("bgp-routes")
         if graceful:
             try:
                 n = await self.routes.flush()
@@ -113,8 +135,8 @@ class BgpManager:
             self._synced = True
         return self._synced
 
-    async def _route_loop(self) -> None:
-        delay = APPLY_RETRY_MIN
+    async def _route_loop(self, liveness: Liveness) -> None:
+        backoff = Backoff(base=APPLY_RETRY_MIN, cap=APPLY_RETRY_MAX)
         while True:
             try:
                 await asyncio.wait_for(self.speaker.changed.wait(), timeout=1.0 if not self._synced else None)
@@ -123,15 +145,15 @@ class BgpManager:
             self.speaker.changed.clear()
             prune = self._check_synced()
             desired = self.speaker.rib.desired()
-            res = await self.routes.apply(desired, prune=prune)
+            with liveness.busy("programming BGP routes"):
+                res = await self.routes.apply(desired, prune=prune)
             self.route_applies += 1
             if res.errors:
                 self.apply_errors += 1
-                await asyncio.sleep(delay)
-                delay = min(APPLY_RETRY_MAX, delay * 2)
+                await backoff.sleep()
                 self.speaker.changed.set()
             else:
-                delay = APPLY_RETRY_MIN
+                backoff.reset()
             with contextlib.suppress(OSError):
                 self.installed = await self.routes.kernel()
 
@@ -152,38 +174,30 @@ class BgpManager:
             return False, "ExaBGP API bridge not connected"
         return True, "ok"
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> BgpStatus:
         ok, why = self.ready()
         cfg = self.config
-        return {
-            "node": self.node_name,
-            "ready": ok,
-            "reason": why,
-            "asn": cfg.asn if cfg else None,
-            "router_id": cfg.router_id if cfg else None,
-            "pod_cidrs": list(cfg.pod_cidrs) if cfg else [],
-            "communities": list(cfg.communities) if cfg else [],
-            "exabgp_pid": self.speaker.pid(),
-            "exabgp_restarts": self.speaker.restarts,
-            "synced": self._synced,
-            "errors": list(self.errors),
-            "peers": [self.speaker.peer_status(st) for st in self.speaker.peers.values()],
-            "routes_installed": len(self.installed),
-            "route_conflicts": list(self.routes.last.conflicts),
-            "route_errors": dict(self.routes.last.errors),
-        }
+        return BgpStatus(
+            enabled=True, node=self.node_name, ready=ok, reason=why, asNumber=cfg.asn if cfg else None,
+            routerID=cfg.router_id if cfg else None, podCIDRs=list(cfg.pod_cidrs) if cfg else [],
+            communities=list(cfg.communities) if cfg else [], exabgpPid=self.speaker.pid(),
+            exabgpRestarts=self.speaker.restarts, synced=self._synced, errors=list(self.errors), updateError="",
+            peers=[self.speaker.peer_status(st) for st in self.speaker.peers.values()],
+            routesInstalled=len(self.installed), routeConflicts=list(self.routes.last.conflicts),
+            routeErrors=dict(self.routes.last.errors),
+        )
 
-    def advertised(self, peer: str | None = None) -> list[dict[str, Any]]:
+    def advertised(self, peer: str | None = None) -> list[BgpRoute]:
         """What ExaBGP reported it sent (prefix, nexthop, as_path, communities) per established peer."""
         peers = [peer] if peer else sorted(self.speaker.peers)
-        out: list[dict[str, Any]] = []
+        out: list[BgpRoute] = []
         for p in peers:
             out += self.speaker.out.advertised(p)
         return out
 
-    def received(self, peer: str | None = None) -> list[dict[str, Any]]:
+    def received(self, peer: str | None = None) -> list[BgpRoute]:
         peers = [peer] if peer else sorted(self.speaker.rib.peers)
-        out: list[dict[str, Any]] = []
+        out: list[BgpRoute] = []
         for p in peers:
             out += self.speaker.rib.received(p)
         return out

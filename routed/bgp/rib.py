@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from routed.api_types import BgpRoute
+
 log = logging.getLogger(__name__)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,10 +27,10 @@ class Route:
     med: int | None = None
     local_pref: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "nexthop": self.nexthop, "as_path": list(self.as_path),
-                "communities": list(self.communities), "origin": self.origin, "med": self.med,
-                "local_pref": self.local_pref}
+    def as_dict(self) -> BgpRoute:
+        return BgpRoute(prefix=self.prefix, nextHop=self.nexthop, asPath=list(self.as_path),
+                        communities=list(self.communities), origin=self.origin, med=self.med,
+                        localPref=self.local_pref)
 
 
 @dataclass
@@ -263,12 +265,11 @@ class Rib:
     def accepted_count(self, peer: str) -> int:
         return sum(1 for _, reason in self._evaluate(peer) if not reason)
 
-    def received(self, peer: str) -> list[dict[str, Any]]:
+    def received(self, peer: str) -> list[BgpRoute]:
         out = []
         for lr, reason in self._evaluate(peer):
             d = lr.route.as_dict()
-            d.update({"peer": peer, "since": lr.since, "stale": lr.stale, "accepted": not reason,
-                      "rejected": reason})
+            d |= BgpRoute(peer=peer, since=lr.since, stale=lr.stale, accepted=not reason, rejected=reason)
             out.append(d)
         return out
 
@@ -300,10 +301,10 @@ class AdjRibOut:
         self.peers.pop(peer, None)
         self.eor_sent.pop(peer, None)
 
-    def advertised(self, peer: str) -> list[dict[str, Any]]:
+    def advertised(self, peer: str) -> list[BgpRoute]:
         out = []
         for r, t in self.peers.get(peer, {}).values():
             d = r.as_dict()
-            d.update({"peer": peer, "sent": t})
+            d |= BgpRoute(peer=peer, sent=t)
             out.append(d)
         return out

@@ -1,8 +1,10 @@
 """The BGP speaker: ExaBGP as a supervised child, driven over its API through routed.bgp.bridge.
 
-- ExaBGP runs with a generated config in the run dir and PR_SET_PDEATHSIG=SIGKILL, so an agent crash kills it
+- ExaBGP runs with a generated config in the run dir, in its own process group, under `setpriv --pdeathsig KILL`
+  (no preexec_fn: forking a threaded process must not run Python code before exec), so an agent crash kills it
   without a NOTIFICATION: peers that are graceful-restart helpers keep our routes while we come back.
-- Its stdout (logs) and the bridge socket are read continuously; it is restarted with exponential backoff.
+- Its stdout (logs) and the bridge socket are read continuously; its exit is noticed at once (we await it) and
+  it is restarted with the shared backoff. The loop doing that is the supervised task `exabgp`.
 - Announcements are per peer (`neighbor X announce route P next-hop self community [...]`); on every session
   up the peer's announcements are replayed and End-of-RIB is sent (manual-eor).
 - Received updates go into the Rib (filters, max-prefix, GR staleness); `changed` is set whenever the
@@ -13,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,9 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from routed.api_types import BgpPeerStatus
+from routed.backoff import Backoff
 from routed.bgp import exabgp_conf
 from routed.bgp.config import PeerConfig, SpeakerConfig
 from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
+from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,18 @@ STABLE_AFTER = 30.0  # an ExaBGP that ran this long resets the backoff
 FAILURES_NOT_READY = 3
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()
-
-
 def default_exabgp() -> str:
     return str(Path(sys.executable).parent / "exabgp")
+
+
+def child_command(argv: list[str]) -> list[str]:
+    """`argv` run so that it is SIGKILLed when the agent dies (util-linux setpriv sets PR_SET_PDEATHSIG, then
+    execs: nothing runs between our fork and exec)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv not found: ExaBGP will outlive a crashed agent until the next start kills it")
+        return argv
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 @dataclass
@@ -71,7 +77,9 @@ class PeerState:
 
 
 class Speaker:
-    def __init__(self, run_dir: str, exabgp: str = "", listen_port: int = 0) -> None:
+    def __init__(self, run_dir: str, exabgp: str = "", listen_port: int = 0,
+                 supervisor: Supervisor | None = None) -> None:
+        self.supervisor = supervisor or Supervisor()
         self.run_dir = run_dir
         self.exabgp = exabgp or default_exabgp()
         self.listen_port = listen_port
@@ -90,7 +98,6 @@ class Speaker:
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._supervisor: asyncio.Task[None] | None = None
         self._restart = asyncio.Event()
         self._stopping = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -106,7 +113,7 @@ class Speaker:
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(self._on_bridge, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
-        self._supervisor = asyncio.create_task(self._supervise(), name="exabgp-supervisor")
+        self.supervisor.spawn("exabgp", self._supervise, required=True)
 
     def _kill_leftover(self) -> None:
         """An ExaBGP of a previous run that survived (it should not: PDEATHSIG) — only if it is ours."""
@@ -122,6 +129,7 @@ class Speaker:
 
     async def stop(self, graceful: bool = True) -> None:
         self._stopping = True
+        self.supervisor.retire("exabgp")  # its loop ends once ExaBGP is gone: expected now
         if graceful and self._writer is not None:
             for peer in self.peers.values():
                 for prefix in list(peer.announced):
@@ -142,10 +150,7 @@ class Speaker:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+        await self.supervisor.stop_task("exabgp")
         for t in list(self._tasks):
             t.cancel()
         for h in self._timers.values():
@@ -230,8 +235,8 @@ class Speaker:
         self.counters["commands_sent"] += 1
 
     # -- ExaBGP process ---------------------------------------------------------------------------
-    async def _supervise(self) -> None:
-        backoff = BACKOFF_MIN
+    async def _supervise(self, liveness: Liveness) -> None:
+        backoff = Backoff(base=BACKOFF_MIN, cap=BACKOFF_MAX)
         while not self._stopping:
             if self.cfg is None or not self.cfg.peers:
                 self._restart.clear()
@@ -243,9 +248,9 @@ class Speaker:
             started = time.monotonic()
             try:
                 self._proc = await asyncio.create_subprocess_exec(
-                    self.exabgp, self.conf_path, env=env, cwd=self.run_dir,
+                    *child_command([self.exabgp, self.conf_path]), env=env, cwd=self.run_dir,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_pdeathsig,
+                    stderr=asyncio.subprocess.STDOUT, process_group=0,
                 )
             except OSError as e:
                 self.last_exit = f"cannot start {self.exabgp}: {e}"
@@ -271,7 +276,7 @@ class Speaker:
                 if self._stopping:
                     return
                 if restart in done:
-                    backoff = BACKOFF_MIN
+                    backoff.reset()
                     self.failures = 0
                     continue
                 ran = time.monotonic() - started
@@ -279,13 +284,11 @@ class Speaker:
                     list(self.log_tail)[-3:])
                 log.warning("%s", self.last_exit)
                 if ran > STABLE_AFTER:
-                    backoff = BACKOFF_MIN
+                    backoff.reset()
                     self.failures = 0
                 else:
                     self.failures += 1
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._restart.wait(), backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
+            await backoff.sleep(self._restart)
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -431,27 +434,18 @@ class Speaker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def peer_status(self, st: PeerState) -> dict[str, Any]:
+    def peer_status(self, st: PeerState) -> BgpPeerStatus:
         pc = self.cfg.peer(st.address) if self.cfg else None
         error = st.last_error
         if st.state != "established" and pc is not None and pc.password and not error:
             error = "session not established; TCP-MD5 is configured: a password mismatch looks like this"
         elif st.state != "established" and not error and self.last_exit and not self.running:
             error = self.last_exit
-        return {
-            "address": st.address,
-            "name": st.name,
-            "asn": st.asn,
-            "state": st.state,
-            "since": st.since,
-            "received": len(self.rib.peers.get(st.address, {})),
-            "accepted": self.rib.accepted_count(st.address),
-            "advertised": len(self.out.peers.get(st.address, {})),
-            "eor_received": st.eor_received,
-            "eor_sent": st.eor_sent,
-            "graceful_restart_time": st.gr_time,
-            "max_prefixes": pc.max_prefixes if pc else None,
-            "max_prefix_exceeded": self.rib.max_prefix_hits.get(st.address, 0),
-            "md5": bool(pc and pc.password),
-            "last_error": error,
-        }
+        return BgpPeerStatus(
+            address=st.address, name=st.name, asNumber=st.asn, state=st.state, since=st.since,
+            received=len(self.rib.peers.get(st.address, {})), accepted=self.rib.accepted_count(st.address),
+            advertised=len(self.out.peers.get(st.address, {})), eorReceived=st.eor_received, eorSent=st.eor_sent,
+            gracefulRestartTime=st.gr_time, maxPrefixes=pc.max_prefixes if pc else None,
+            maxPrefixExceeded=self.rib.max_prefix_hits.get(st.address, 0), md5=bool(pc and pc.password),
+            lastError=error,
+        )

@@ -21,7 +21,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import random
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +32,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from routed.datastore.base import Datastore, Event, EventSink, EventType, object_key
+from routed.backoff import Backoff
+from routed.datastore.base import Datastore, DatastoreUnavailable, Event, EventSink, EventType, object_key
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ ANNOTATION_PREFIX = "routed.dev/"
 LIST_PAGE = 500
 
 
-class Gone(Exception):
+class Gone(DatastoreUnavailable):
     """The resourceVersion we asked for is too old (HTTP 410 / watch ERROR 410): relist."""
 
 
@@ -166,6 +167,8 @@ def diff_listing(
 
 
 class KubeDatastore(Datastore):
+    kind = "kube"
+
     def __init__(
         self,
         kubeconfig: str = "",
@@ -191,18 +194,27 @@ class KubeDatastore(Datastore):
         self.all_nodes = all_nodes or not node_name
         self._api: k8s.ApiClient | None = None
         self._watchers: dict[str, _Watcher] = {}
-        self._stop = threading.Event()
+        self.start_error = ""  # why the client cannot be built (kubeconfig, in-cluster environment)
 
     # -- clients
 
     def api_client(self) -> k8s.ApiClient:
+        """The API client; raises DatastoreUnavailable naming the kubeconfig (or the in-cluster setup) if unusable."""
         if self._api is None:
             cfg = k8s.Configuration()
-            if self.kubeconfig:
-                k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
-            else:
-                # Re-reads the projected ServiceAccount token when it rotates.
-                k8s_config.load_incluster_config(client_configuration=cfg)
+            try:
+                if self.kubeconfig:
+                    if not os.path.exists(self.kubeconfig):
+                        raise DatastoreUnavailable(f"kubeconfig {self.kubeconfig} does not exist")
+                    k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+                else:
+                    # Re-reads the projected ServiceAccount token when it rotates.
+                    k8s_config.load_incluster_config(client_configuration=cfg)
+            except DatastoreUnavailable:
+                raise
+            except Exception as exc:  # ConfigException, OSError, yaml errors: all say the same to the operator
+                where = f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster configuration"
+                raise DatastoreUnavailable(f"{where} is unusable: {exc}") from exc
             cfg.connection_pool_maxsize = 16
             cfg.retries = 0  # we retry ourselves, with backoff
             self._api = k8s.ApiClient(cfg)
@@ -234,17 +246,35 @@ class KubeDatastore(Datastore):
 
     # -- run
 
+    async def _specs(self) -> list[KindSpec]:
+        """The kinds to watch, once the API client can be built; until then log, report and retry."""
+        backoff = Backoff(base=self.backoff_initial, cap=self.backoff_max)
+        while True:
+            try:
+                specs = await asyncio.to_thread(self.kinds)
+            except DatastoreUnavailable as exc:
+                self.start_error = str(exc)
+                log.error("kube datastore cannot start: %s (retrying with backoff)", exc)
+                await backoff.sleep()
+                continue
+            if self.start_error:
+                log.info("kube datastore: API client ready (%s)", self.kubeconfig or "in-cluster")
+            self.start_error = ""
+            return specs
+
     async def run(self, sink: EventSink, synced: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, list[Event], bool]] = asyncio.Queue()
-        self._stop.clear()
 
         def emit(kind: str, events: list[Event], listed: bool) -> None:
             with contextlib.suppress(RuntimeError):  # loop closed while a thread was finishing
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, events, listed))
 
-        specs = await asyncio.to_thread(self.kinds)
-        self._watchers = {s.kind: _Watcher(self, s, emit) for s in specs}
+        specs = await self._specs()
+        previous = self._watchers  # a run after a crash: keep the views, so the relist emits what changed
+        self._watchers = {
+            s.kind: _Watcher(self, s, emit, previous[s.kind].view if s.kind in previous else None) for s in specs
+        }
         for w in self._watchers.values():
             w.start()
         listed: set[str] = set()
@@ -280,9 +310,15 @@ class KubeDatastore(Datastore):
             self.close()
 
     def close(self) -> None:
-        self._stop.set()
         for w in self._watchers.values():
+            w.stop.set()
             w.interrupt()
+
+    def errors(self) -> dict[str, str]:
+        out = {kind: w.last_error for kind, w in self._watchers.items() if w.last_error}
+        if self.start_error:
+            out["kubeconfig" if self.kubeconfig else "in-cluster"] = self.start_error
+        return out
 
     def state(self, kind: str) -> dict[str, dict[str, Any]]:
         """A copy of one kind's current view (for tests and debugging)."""
@@ -318,7 +354,7 @@ class KubeDatastore(Datastore):
     def _report_event(self, involved: dict[str, str], reason: str, message: str, event_type: str) -> None:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         namespace = involved.get("namespace") or "default"
-        body = {
+        body: Any = {  # the client takes a plain dict as well as a V1Event
             "metadata": {"generateName": f"{involved['name']}.", "namespace": namespace},
             "involvedObject": {k: involved[k] for k in ("apiVersion", "kind", "namespace", "name") if involved.get(k)},
             "reason": reason,
@@ -375,12 +411,14 @@ class _Watcher:
     """One kind: list, then watch, in a daemon thread."""
 
     def __init__(
-        self, ds: KubeDatastore, spec: KindSpec, emit: Callable[[str, list[Event], bool], None]
+        self, ds: KubeDatastore, spec: KindSpec, emit: Callable[[str, list[Event], bool], None],
+        view: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.ds = ds
         self.spec = spec
         self.emit = emit
-        self.view: dict[str, dict[str, Any]] = {}
+        self.stop = threading.Event()
+        self.view: dict[str, dict[str, Any]] = dict(view or {})
         self.resource_version = ""
         self.need_list = True
         self.listed_once = False
@@ -388,7 +426,8 @@ class _Watcher:
         self.watches = 0  # watch streams opened
         self.watching = False  # a watch stream is open right now
         self.received = 0  # watch events received (bookmarks included)
-        self.failures = 0  # consecutive errors; the first is logged as a warning, the rest at debug level
+        self.failures = 0  # consecutive errors; the first is logged (an error before the first listing)
+        self.last_error = ""
         self._lock = threading.Lock()
         self._resp: Any = None
         self._thread = threading.Thread(target=self._loop, name=f"kube-watch-{spec.kind}", daemon=True)
@@ -410,17 +449,28 @@ class _Watcher:
 
     # -- loop
 
+    def _failed(self, what: str) -> None:
+        """Count and report one failed list/watch; the first of a series is logged, as an ERROR while the
+        agent has never listed this kind (it cannot start), else as a WARNING (it keeps its last state)."""
+        self.failures += 1
+        self.last_error = what
+        if self.failures == 1:
+            level = logging.WARNING if self.listed_once else logging.ERROR
+            log.log(level, "%s: %s (keeping the last state, retrying with backoff)", self.spec.kind, what)
+        else:
+            log.debug("%s: %s (attempt %d)", self.spec.kind, what, self.failures)
+
     def _loop(self) -> None:
         kind = self.spec.kind
-        delay = self.ds.backoff_initial
-        while not self.ds._stop.is_set():
+        backoff = Backoff(base=self.ds.backoff_initial, cap=self.ds.backoff_max, jitter=0.5)
+        while not self.stop.is_set():
             try:
                 if self.need_list:
                     self._relist()
                 started, seen = time.monotonic(), self.received
                 self._watch()
                 if time.monotonic() - started > 1.0 or self.received > seen:
-                    delay = self.ds.backoff_initial
+                    backoff.reset()
                     continue
                 # A watch that closed at once without any event: do not spin, back off like an error.
             except Gone:
@@ -432,25 +482,20 @@ class _Watcher:
                     log.info("%s: resourceVersion %s gone (410), relisting", kind, self.resource_version)
                     self.need_list = True
                     continue
-                self.failures += 1
                 if e.status == 404 and self.spec.optional:
+                    self.failures += 1
                     if not self.listed_once:
                         log.warning("%s: not served (CRD missing?); treating as empty, retrying", kind)
                         self.listed_once = True
                         self.emit(kind, [], True)
                 else:
-                    log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
-                            "%s: API error %s %s (retrying with backoff)", kind, e.status, e.reason)
+                    self._failed(f"API error {e.status} {e.reason}")
             except Exception as e:  # any transport error: keep state, retry
-                if self.ds._stop.is_set():
+                if self.stop.is_set():
                     break
-                self.failures += 1
-                log.log(logging.WARNING if self.failures == 1 else logging.DEBUG,
-                        "%s: list/watch failed (keeping last state, retrying with backoff): %s: %s",
-                        kind, e.__class__.__name__, str(e)[:200])
-            if self.ds._stop.wait(delay * random.uniform(0.5, 1.5)):
+                self._failed(f"list/watch failed: {e.__class__.__name__}: {str(e)[:200]}")
+            if backoff.wait(self.stop):
                 break
-            delay = min(delay * 2, self.ds.backoff_max)
 
     def _call(self, **kwargs: Any) -> Any:
         return self.spec.call(_preload_content=False, **kwargs)
@@ -502,9 +547,10 @@ class _Watcher:
         if self.failures:
             log.info("%s: watching again after %d failed attempts", self.spec.kind, self.failures)
             self.failures = 0
+            self.last_error = ""
         try:
             for line in _lines(resp):
-                if self.ds._stop.is_set():
+                if self.stop.is_set():
                     return
                 self.received += 1
                 self._handle(json.loads(line))
@@ -530,7 +576,7 @@ class _Watcher:
             return
         obj = self.spec.trim(raw)
         key = object_key(self.spec.kind, obj)
-        out: EventType = etype  # type: ignore[assignment]
+        out: EventType = "ADDED" if etype == "ADDED" else "MODIFIED" if etype == "MODIFIED" else "DELETED"
         with self._lock:
             prev = self.view.get(key)
             if etype == "DELETED":

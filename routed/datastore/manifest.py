@@ -3,7 +3,8 @@
 Every `*.yaml`, `*.yml` and `*.json` file below the directory is read (multi-document files and `kind: List`
 are fine). The directory is polled (stat only) and changed files are re-parsed; the union of objects is diffed
 against what was delivered before. A file that fails to parse is reported and its previous objects are kept,
-so a half-written edit never deletes anything.
+so a half-written edit never deletes anything; a directory that cannot be read delivers nothing (the agent
+keeps its last state) and is retried with backoff.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from routed.datastore.base import KINDS, Datastore, Event, EventSink, object_key
+from routed.backoff import Backoff
+from routed.datastore.base import KINDS, Datastore, DatastoreUnavailable, Event, EventSink, object_key
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,34 @@ def parse_documents(text: str, source: str) -> list[dict[str, Any]]:
 
 
 class ManifestDatastore(Datastore):
+    kind = "manifest"
+
     def __init__(self, directory: str, poll_interval: float = 0.25) -> None:
         self.directory = Path(directory)
         self.poll_interval = poll_interval
         self._stamps: dict[str, FileStamp] = {}
         self._file_objects: dict[str, list[dict[str, Any]]] = {}
         self._delivered: dict[ObjectId, dict[str, Any]] = {}
-        self.errors: dict[str, str] = {}  # file -> last parse error
+        self.file_errors: dict[str, str] = {}  # file -> last parse error
+        self.directory_error = ""
         self._wake = asyncio.Event()
 
     async def run(self, sink: EventSink, synced: asyncio.Event) -> None:
+        backoff = Backoff(base=self.poll_interval, cap=10.0)
         while True:
-            events = await asyncio.to_thread(self.scan)
+            try:
+                events = await asyncio.to_thread(self.scan)
+            except DatastoreUnavailable as exc:
+                if str(exc) != self.directory_error:
+                    log.error("manifest datastore: %s (retrying with backoff; keeping what was read before)", exc)
+                self.directory_error = str(exc)
+                await backoff.sleep(self._wake)
+                self._wake.clear()
+                continue
+            if self.directory_error:
+                log.info("manifest directory %s readable again", self.directory)
+                self.directory_error = ""
+            backoff.reset()
             if events or not synced.is_set():
                 await sink(events)
             synced.set()
@@ -67,10 +85,17 @@ class ManifestDatastore(Datastore):
                 pass
 
     def refresh_soon(self) -> None:
-        """Ask for a scan now (e.g. a CNI ADD names a pod the cache has not seen yet)."""
         self._wake.set()
 
+    def errors(self) -> dict[str, str]:
+        out = dict(self.file_errors)
+        if self.directory_error:
+            out["directory"] = self.directory_error
+        return out
+
     def scan(self) -> list[Event]:
+        """Re-read changed files; the events that turn what was delivered into what the files say now.
+        Raises DatastoreUnavailable when the directory itself cannot be read (nothing is delivered then)."""
         current = self._stat_files()
         changed = [path for path, stamp in current.items() if self._stamps.get(path) != stamp]
         removed = [path for path in self._stamps if path not in current]
@@ -78,22 +103,28 @@ class ManifestDatastore(Datastore):
             return []
         for path in removed:
             self._file_objects.pop(path, None)
-            self.errors.pop(path, None)
+            self.file_errors.pop(path, None)
         for path in changed:
             try:
                 self._file_objects[path] = parse_documents(Path(path).read_text(), path)
-                self.errors.pop(path, None)
+                self.file_errors.pop(path, None)
             except (OSError, ValueError, yaml.YAMLError) as exc:
                 log.error("manifest %s ignored, keeping its previous objects: %s", path, exc)
-                self.errors[path] = str(exc)
+                self.file_errors[path] = str(exc)
         self._stamps = current
         return self._diff()
 
     def _stat_files(self) -> dict[str, FileStamp]:
         stamps: dict[str, FileStamp] = {}
         if not self.directory.is_dir():
-            return stamps
-        for root, _dirs, files in os.walk(self.directory):
+            raise DatastoreUnavailable(f"manifest directory {self.directory} does not exist or is not a directory")
+        if not os.access(self.directory, os.R_OK | os.X_OK):
+            raise DatastoreUnavailable(f"manifest directory {self.directory} is not readable")
+
+        def unreadable(exc: OSError) -> None:
+            raise DatastoreUnavailable(f"manifest directory {exc.filename or self.directory}: {exc.strerror}")
+
+        for root, _dirs, files in os.walk(self.directory, onerror=unreadable):
             for name in files:
                 if not name.endswith(SUFFIXES) or name.startswith("."):
                     continue

@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 from routed import api, netns
+from routed.errors import RoutedError
 from routed.lab import manifests, pods, topology
+from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, LabState, PodState
 from routed.lab.store import ClusterStore, KubeStore, ManifestStore
 
@@ -28,10 +30,6 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 90.0
 SUPERVISOR_STOP_SECONDS = 20.0
-
-
-class LabError(RuntimeError):
-    pass
 
 
 def poll(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
@@ -176,7 +174,7 @@ class Lab:
     def agent_status(self, node: str) -> dict[str, Any] | None:
         try:
             return api.call(self.paths.node_socket(node), "status", timeout=5)
-        except (OSError, api.ApiError, ValueError):
+        except (OSError, RoutedError, ValueError):
             return None
 
     def wait_ready(self, state: LabState | None = None, timeout: float = READY_TIMEOUT_SECONDS) -> None:
@@ -199,7 +197,7 @@ class Lab:
         others = len(state.nodes) - 1
 
         def converged() -> bool:
-            return all(((self.agent_status(n.name) or {}).get("bgp") or {}).get("routes_installed", 0) >= others
+            return all(((self.agent_status(n.name) or {}).get("bgp") or {}).get("routesInstalled", 0) >= others
                        for n in state.nodes)
 
         return bool(poll(converged, timeout, interval=0.2))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from routed import netns
+from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, PodState
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ CNI_NETWORK_NAME = "routed"
 CNI_VERSION = "1.1.0"
 
 
-class PodError(RuntimeError):
+class PodError(LabError):
     pass
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from routed.lab.errors import LabError
 from routed.netns import ns_cmd, ns_run
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Neighbor:
     password: str | None = None
 
 
-class RouterError(RuntimeError):
+class RouterError(LabError):
     pass
 
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from routed import netns
 from routed.datastore.base import NAMESPACED_KINDS
 from routed.lab import manifests
+from routed.lab.errors import LabError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBE_TESTENV = REPO_ROOT / "scripts" / "kube-testenv"
@@ -27,7 +28,7 @@ CUSTOM_RESOURCES = {
 }
 
 
-class StoreError(RuntimeError):
+class StoreError(LabError):
     pass
 
 

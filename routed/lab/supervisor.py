@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from routed.backoff import Backoff
 from routed.lab.state import LabPaths, LabState
 
 log = logging.getLogger("routed.lab.supervisor")
@@ -30,7 +31,7 @@ class Supervised:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
-    backoff: float = RESTART_BACKOFF_MIN
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=RESTART_BACKOFF_MIN, cap=RESTART_BACKOFF_MAX))
     started_at: float = 0.0
 
 
@@ -70,11 +71,11 @@ class Supervisor:
                 if child.proc is not None and child.proc.poll() is not None:
                     code = child.proc.returncode
                     if now - child.started_at > 30:
-                        child.backoff = RESTART_BACKOFF_MIN
-                    log.warning("agent for %s exited with %s; restarting in %.1fs", child.node, code, child.backoff)
+                        child.backoff.reset()
+                    delay = child.backoff.next_delay()
+                    log.warning("agent for %s exited with %s; restarting in %.1fs", child.node, code, delay)
                     child.proc = None
-                    child.next_start = now + child.backoff
-                    child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX)
+                    child.next_start = now + delay
                 if child.proc is None and now >= child.next_start:
                     child.restarts += 1
                     self._start(child)

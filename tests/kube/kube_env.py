@@ -20,7 +20,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client as k8s
@@ -28,15 +27,11 @@ from kubernetes import config as k8s_config
 
 from routed.datastore.base import Event
 from routed.datastore.kube import KubeDatastore
-from tests import helpers
+from tests.helpers import run_and_expect
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kube-testenv"
 AGENT_SA = "system:serviceaccount:routed-system:routed"
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
-    return helpers.wait_for(pred, timeout, interval, what)
 
 
 def _free_port_pair() -> int:
@@ -343,7 +338,7 @@ class DatastoreRunner:
                     return ev
             return None
 
-        return wait_until(find, timeout, what=f"{etype} {kind} {key}")
+        return run_and_expect(find, bool, timeout).check(f"{etype} {kind} {key}")
 
     def stop(self) -> None:
         if self._task is not None:

@@ -6,15 +6,14 @@ Synced at all proves the RBAC in deploy/ covers every list and watch the datasto
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from kubernetes import client as k8s
 
-from routed.datastore.base import Event
 from routed.datastore.kube import KubeDatastore
+from tests.helpers import holds_for, run_and_expect
 from tests.kube.kube_env import (
     DatastoreRunner,
     KubeEnv,
@@ -23,7 +22,6 @@ from tests.kube.kube_env import (
     ensure_namespace,
     ensure_node,
     get_deployed,
-    wait_until,
 )
 
 pytestmark = pytest.mark.kube
@@ -57,7 +55,7 @@ def runner(env: KubeEnv, admin: k8s.ApiClient, ns: str) -> Iterator[DatastoreRun
     kubeconfig = env.write_token_kubeconfig("agent-ds", agent_token(admin, NODE))
     ds = KubeDatastore(kubeconfig=kubeconfig, node_name=NODE, backoff_initial=0.2, backoff_max=2.0)
     r = DatastoreRunner(ds).start()
-    wait_until(lambda: r.synced or r.error, 60, what="datastore synced")
+    run_and_expect(lambda: r.synced or r.error, bool, 60).check("datastore synced")
     assert r.error is None, r.error
     yield r
     r.stop()
@@ -71,16 +69,6 @@ def pod_body(name: str, node: str = OTHER_NODE, labels: dict[str, str] | None = 
             "containers": [{"name": "c", "image": "nginx", "ports": [{"containerPort": 8080, "name": "http"}]}],
         },
     }
-
-
-def no_events_for(r: DatastoreRunner, mark: int, seconds: float) -> list[Event]:
-    """Watch the event list for `seconds` (polling); return whatever arrived (expected: nothing)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if r.since(mark):
-            break
-        time.sleep(0.05)
-    return r.since(mark)
 
 
 def all_watching(r: DatastoreRunner, after: dict[str, dict] | None = None) -> bool:
@@ -97,7 +85,7 @@ def test_initial_sync(runner: DatastoreRunner, ns: str) -> None:
     assert ("Pod", f"routed-system/routed-{NODE}") in keys
     stats = runner.ds.stats()
     assert set(stats) == {"Node", "Namespace", "Pod", "NetworkPolicy", "BGPPeer", "BGPConfiguration", "Secret"}
-    wait_until(lambda: all_watching(runner), 10, what="all watches open")
+    run_and_expect(lambda: all_watching(runner), bool, 10).check("all watches open")
     # Trimmed: no managedFields, no foreign annotations.
     pod = next(e.obj for e in runner.snapshot() if e.key == f"routed-system/routed-{NODE}")
     assert "managedFields" not in pod["metadata"] and "annotations" not in pod["metadata"]
@@ -198,19 +186,24 @@ def test_apiserver_outage_keeps_state(runner: DatastoreRunner, env: KubeEnv, adm
     core = k8s.CoreV1Api(admin)
     core.create_namespaced_pod(ns, pod_body("steady"))
     runner.wait_event(0, "ADDED", "Pod", f"{ns}/steady")
-    wait_until(lambda: all_watching(runner), 10, what="all watches open")
+    run_and_expect(lambda: all_watching(runner), bool, 10).check("all watches open")
     before_state = {k: runner.ds.state(k) for k in runner.ds.stats()}
     before = runner.ds.stats()
     mark = runner.mark()
 
     env.stop("apiserver", kill=True)  # a crash: connections drop without a goodbye
-    wait_until(lambda: not any(s["watching"] for s in runner.ds.stats().values()), 30, what="watches dropped")
-    assert no_events_for(runner, mark, 5.0) == []  # API down: nothing emitted ...
+    run_and_expect(lambda: not any(s["watching"] for s in runner.ds.stats().values()), bool,
+                   30).check("watches dropped")
+    # API down: nothing emitted ...
+    holds_for(lambda: runner.since(mark), lambda evs: evs == [], 5.0,
+              interval=0.05).check("no events while down")
     assert {k: runner.ds.state(k) for k in before_state} == before_state  # ... and the last state kept
 
     env.start()
-    wait_until(lambda: all_watching(runner, before), 60, what="watches re-established")
-    assert no_events_for(runner, mark, 2.0) == []  # back: no DELETE/ADD flaps
+    run_and_expect(lambda: all_watching(runner, before), bool, 60).check("watches re-established")
+    # back: no DELETE/ADD flaps
+    holds_for(lambda: runner.since(mark), lambda evs: evs == [], 2.0,
+              interval=0.05).check("no events once back")
 
     core.create_namespaced_pod(ns, pod_body("after-outage"))
     runner.wait_event(mark, "ADDED", "Pod", f"{ns}/after-outage")
@@ -225,7 +218,7 @@ def test_expired_watch_relists_and_converges(
         core.create_namespaced_pod(ns, pod_body(name))
     for name in ("keep", "missed-add", "missed-change"):
         runner.wait_event(0, "ADDED", "Pod", f"{ns}/{name}")
-    wait_until(lambda: all_watching(runner), 10, what="all watches open")
+    run_and_expect(lambda: all_watching(runner), bool, 10).check("all watches open")
 
     # Make the datastore's view diverge from the API, as if it had missed events: one pod it never saw,
     # one it saw in an older form, one that was deleted without it noticing.
@@ -246,16 +239,18 @@ def test_expired_watch_relists_and_converges(
     core.create_namespaced_config_map(ns, {"metadata": {"name": "bump"}})
     env.etcd_compact()
     runner.ds.interrupt_watch("Pod", resource_version="1")
-    wait_until(lambda: runner.ds.stats()["Pod"]["relists"] > relists, 30, what="relist after 410")
-    wait_until(lambda: len(runner.since(mark)) >= 3, 10, what="diff events")
+    run_and_expect(lambda: runner.ds.stats()["Pod"]["relists"] > relists, bool, 30).check("relist after 410")
+    run_and_expect(lambda: len(runner.since(mark)) >= 3, bool, 10).check("diff events")
     got = sorted((e.type, e.key) for e in runner.since(mark))
     assert got == sorted([
         ("ADDED", f"{ns}/missed-add"),
         ("MODIFIED", f"{ns}/missed-change"),
         ("DELETED", f"{ns}/ghost"),
     ])
-    assert no_events_for(runner, runner.mark(), 1.0) == []
-    wait_until(lambda: runner.ds.stats()["Pod"]["watching"], 10, what="Pod watch resumed")
+    after_diff = runner.mark()
+    holds_for(lambda: runner.since(after_diff), lambda evs: evs == [], 1.0,
+              interval=0.05).check("no events after the diff")
+    run_and_expect(lambda: runner.ds.stats()["Pod"]["watching"], bool, 10).check("Pod watch resumed")
     mark = runner.mark()
     core.delete_namespaced_pod("keep", ns, grace_period_seconds=0)
     runner.wait_event(mark, "DELETED", "Pod", f"{ns}/keep")
@@ -266,7 +261,7 @@ def test_own_node_only_with_field_selector(env: KubeEnv, admin: k8s.ApiClient, r
     ds = KubeDatastore(kubeconfig=kubeconfig, node_name=NODE, all_nodes=False, backoff_max=2.0)
     r = DatastoreRunner(ds).start()
     try:
-        wait_until(lambda: r.synced or r.error, 60, what="datastore synced")
+        run_and_expect(lambda: r.synced or r.error, bool, 60).check("datastore synced")
         assert {e.key for e in r.snapshot() if e.kind == "Node"} == {NODE}
         mark = r.mark()
         core = k8s.CoreV1Api(admin)
@@ -284,8 +279,9 @@ def test_agent_reports_events_with_its_own_identity(runner: DatastoreRunner, adm
     involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "namespace": ns, "name": "bad-one"}
     asyncio.run(runner.ds.report_event(involved, "InvalidNetworkPolicy", "spec.ingress[0]: broken; fail closed"))
     core = k8s.CoreV1Api(admin)
-    items = wait_until(lambda: core.list_namespaced_event(ns, field_selector="involvedObject.name=bad-one").items,
-                       30, what="event")
+    items = run_and_expect(
+        lambda: core.list_namespaced_event(ns, field_selector="involvedObject.name=bad-one").items, bool, 30
+    ).check("event")
     event = items[0]
     assert event.reason == "InvalidNetworkPolicy" and event.type == "Warning"
     assert event.source.host == NODE and event.involved_object.kind == "NetworkPolicy"

@@ -15,12 +15,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from routed import api, netns
-from tests import helpers
+from routed.errors import RoutedError
+from tests.agent_process import stop_process
+from tests.helpers import run_and_expect
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -53,10 +55,6 @@ def default_agent_kind() -> str:
 
 def cleanup_leftovers() -> None:
     netns.delete_all(PREFIX)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
-    return helpers.wait_for(pred, timeout, interval, what)
 
 
 class PluginRun:
@@ -151,24 +149,18 @@ class NodeEnv:
                 return False
             try:  # the real agent answers STATUS with 50 until its first datastore sync and CNI start
                 api.call(self.socket, "cni", {"command": "STATUS", "config": {"cniVersion": "1.1.0", "name": "x"}})
-            except api.ApiError:
+            except RoutedError:
                 return False
             except OSError:
                 return False
             return True
 
-        wait_for(up, timeout, interval=0.05, what="the agent to serve CNI")
+        run_and_expect(up, bool, timeout, interval=0.05).check("the agent to serve CNI")
 
     def stop_agent(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc, sig)
         self.proc = None
         if sig == signal.SIGKILL and os.path.exists(self.socket):
             os.unlink(self.socket)

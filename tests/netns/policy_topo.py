@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 from routed import netns
@@ -133,17 +132,6 @@ class PolicyTopo:
             for i, ok in zip(idxs, got, strict=True):
                 result[i] = ok
         return result
-
-    def wait_reach(self, src: str, dst_ip: str, port: int, proto: str, want: bool, deadline: float = 5.0) -> bool:
-        """Poll until reachability equals `want`; True if it did before the deadline."""
-        end = time.monotonic() + deadline
-        while True:
-            got = self.reach(src, dst_ip, port, proto)
-            if got == want:
-                return True
-            if time.monotonic() > end:
-                return False
-            time.sleep(0.05)
 
     def namespaces(self, labels: dict[str, dict[str, str]]) -> list[Namespace]:
         names = {p.namespace for p in self.pods.values()} | set(labels)

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routed import netns
+from tests.helpers import run_and_expect
 from tests.netns.cni_support import (
     NODE_IP,
     REF_PLUGINS,
@@ -28,7 +29,6 @@ from tests.netns.cni_support import (
     default_agent_kind,
     tcp_fetch_cmd,
     tcp_server_cmd,
-    wait_for,
 )
 
 pytestmark = [
@@ -61,7 +61,8 @@ def assert_clean(node: NodeEnv) -> None:
     assert node.api("ipam.show")["allocations"] == []
     assert node.endpoint_ids() == []
     # the DEL answers once the veth is down and unrouted; the kernel deletes it right after
-    wait_for(lambda: not [n for n in node.links() if n.startswith("rtd")], timeout=10, what="pod veths to go")
+    run_and_expect(lambda: not [n for n in node.links() if n.startswith("rtd")], bool, timeout=10,
+                   interval=0.02).check("pod veths to go")
     routes = [line for line in node.routes().splitlines() if "proto 201" in line]
     assert routes == [f"blackhole {node.pod_cidr} proto 201 "] or routes == [f"blackhole {node.pod_cidr} proto 201"]
 
@@ -386,9 +387,8 @@ def test_chaining_with_portmap_and_bandwidth(node: NodeEnv) -> None:
     server = subprocess.Popen(netns.ns_cmd(ns, tcp_server_cmd(8080, "via-portmap")), stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-        got = wait_for(
-            lambda: node.ns(node.uplink, tcp_fetch_cmd(NODE_IP, 18080)).stdout, timeout=10, what="portmap DNAT"
-        )
+        got = run_and_expect(lambda: node.ns(node.uplink, tcp_fetch_cmd(NODE_IP, 18080)).stdout, bool,
+                             timeout=10, interval=0.02).check("portmap DNAT")
         assert got == "via-portmap"
     finally:
         server.kill()

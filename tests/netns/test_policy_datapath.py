@@ -17,6 +17,7 @@ from policy.calc import PolicyInputs
 from policy.explain import explain
 from routed import netns
 from routed.model import ContainerPort, Pod
+from tests.helpers import run_and_expect
 from tests.netns.policy_harness import RemoteController
 from tests.netns.policy_topo import NODE_IP, OUTSIDE_IPS, PolicyTopo
 
@@ -75,7 +76,7 @@ class World:
         by_name = {p.name: p.ip for p in self.topo.pods.values()}
         for (src, dst, port, proto, want) in expected:
             src_ip = by_name.get(src, REMOTE)
-            assert explain(inputs, src_ip, dst, port, proto).allowed == want, (src, dst, port, proto)
+            assert explain(inputs, src_ip, dst, port, proto)["allowed"] == want, (src, dst, port, proto)
 
 
 @pytest.fixture(scope="module")
@@ -164,26 +165,34 @@ def test_live_reaction_to_changes(w: World):
     pol = np("allow-client", {"podSelector": {"matchLabels": {"app": "web"}},
                               "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]})
     w.sync([pol])
-    assert w.topo.wait_reach("c1", WEB, 80, "TCP", True)
-    assert w.topo.wait_reach("db", WEB, 80, "TCP", False)
+    run_and_expect(lambda: w.topo.reach("c1", WEB, 80, "TCP"), True, 5.0,
+                   interval=0.05).check("c1 -> web:80 allowed")
+    run_and_expect(lambda: w.topo.reach("db", WEB, 80, "TCP"), False, 5.0,
+                   interval=0.05).check("db -> web:80 denied")
     w.label_overrides = {"db": {"app": "client"}}  # pod label change: ipset membership only
     report = w.sync()
     assert report.iptables_ops == 0 and report.ipset_ops > 0
-    assert w.topo.wait_reach("db", WEB, 80, "TCP", True)
+    run_and_expect(lambda: w.topo.reach("db", WEB, 80, "TCP"), True, 5.0,
+                   interval=0.05).check("db -> web:80 allowed")
     w.label_overrides = {}
     w.sync()
-    assert w.topo.wait_reach("db", WEB, 80, "TCP", False)
+    run_and_expect(lambda: w.topo.reach("db", WEB, 80, "TCP"), False, 5.0,
+                   interval=0.05).check("db -> web:80 denied")
     # policy update: allow from another namespace by namespace label
     pol2 = np("allow-client", {"podSelector": {"matchLabels": {"app": "web"}},
                                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "x"}}}]}]})
     w.sync([pol2])
-    assert w.topo.wait_reach("c1", WEB, 80, "TCP", False)
-    assert w.topo.wait_reach("c2", WEB, 80, "TCP", False)
+    run_and_expect(lambda: w.topo.reach("c1", WEB, 80, "TCP"), False, 5.0,
+                   interval=0.05).check("c1 -> web:80 denied")
+    run_and_expect(lambda: w.topo.reach("c2", WEB, 80, "TCP"), False, 5.0,
+                   interval=0.05).check("c2 -> web:80 denied")
     w.ns_labels["dev"] = {"env": "dev", "team": "x"}  # namespace label change
     w.sync()
-    assert w.topo.wait_reach("c2", WEB, 80, "TCP", True)
+    run_and_expect(lambda: w.topo.reach("c2", WEB, 80, "TCP"), True, 5.0,
+                   interval=0.05).check("c2 -> web:80 allowed")
     w.sync([])  # policy delete
-    assert w.topo.wait_reach("c1", WEB, 80, "TCP", True)
+    run_and_expect(lambda: w.topo.reach("c1", WEB, 80, "TCP"), True, 5.0,
+                   interval=0.05).check("c1 -> web:80 allowed")
 
 
 def test_invalid_policy_fails_closed_and_others_work(w: World):
@@ -193,11 +202,11 @@ def test_invalid_policy_fails_closed_and_others_work(w: World):
                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]})
     report = w.sync([bad, good])
     assert [p["policy"] for p in report.invalid] == ["prod/bad"]
-    assert report.invalid[0]["fail_closed"] == ["Ingress"]
+    assert report.invalid[0]["failClosed"] == ["Ingress"]
     assert "except" in report.invalid[0]["reasons"][0]
     w.check([("c1", DB, 9001, "TCP", False), ("c1", WEB, 80, "TCP", True), ("db", WEB, 80, "TCP", False),
              ("db", C1, 80, "TCP", True)])
-    assert w.ctl.call("report")["invalid_policies"][0]["policy"] == "prod/bad"
+    assert w.ctl.call("report")["invalidPolicies"][0]["policy"] == "prod/bad"
 
 
 def test_anti_spoofing(w: World):
@@ -232,7 +241,8 @@ def test_unknown_rtd_interface_fails_closed(w: World):
         assert w.topo.probe(pod.ns, [(WEB, 80, "TCP")]) == [False]
         assert w.topo.reach("c1", "10.244.0.50", 80) is False
         w.sync()
-        assert w.topo.wait_reach(name, WEB, 80, "TCP", True)
+        run_and_expect(lambda: w.topo.reach(name, WEB, 80, "TCP"), True, 5.0,
+                       interval=0.05).check(f"{name} -> web:80 allowed")
     finally:
         del w.topo.pods[name]
         netns.delete(pod.ns)
@@ -321,7 +331,7 @@ def test_property_explain_matches_datapath(world: World, policies: list[dict]):
     for s, d, port, proto in FLOWS:
         e = explain(inputs, ips.get(s, REMOTE), d, port, proto)
         # a remote pod's policies are enforced by its own node, not by this one
-        want.append((e.egress.allowed or s == "outside") and (e.ingress.allowed or d in (REMOTE, EXTERNAL)))
+        want.append((e["egress"]["allowed"] or s == "outside") and (e["ingress"]["allowed"] or d in (REMOTE, EXTERNAL)))
     got = world.topo.matrix([(s, d, p, proto, REMOTE) if s == "outside" else (s, d, p, proto)
                              for s, d, p, proto in FLOWS])
     assert got == want, [(f, w_, g) for f, w_, g in zip(FLOWS, want, got, strict=True) if w_ != g]

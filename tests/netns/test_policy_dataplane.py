@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from policy.calc import PolicyInputs
 from routed import netns
 from routed.model import ContainerPort, Endpoint, Namespace, Pod
+from tests.helpers import run_and_expect
 from tests.netns.policy_harness import RemoteController, once_cmd
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -150,14 +151,6 @@ def test_idempotent_counters_survive(spaces):
         ctl.close()
 
 
-def _settle(ns: str, deadline: float = 10.0) -> None:
-    """Wait until no process is left in the namespace (an orphaned iptables-restore finishing)."""
-    end = time.monotonic() + deadline
-    while netns.pids(ns):
-        assert time.monotonic() < end, "processes left in namespace"
-        time.sleep(0.01)
-
-
 def _write(inputs: PolicyInputs) -> str:
     fd, path = tempfile.mkstemp(prefix="rtd-pol-", suffix=".pickle")
     with os.fdopen(fd, "wb") as f:
@@ -187,10 +180,14 @@ def test_kill9_mid_apply_is_old_or_new(spaces, writer, backend):
             subprocess.run(once_cmd(ns, files[0], **opts), check=True)
             assert ruleset(ns, backend) == want_old
             proc = subprocess.Popen(once_cmd(ns, files[1], **opts))
-            time.sleep(rnd.uniform(0.3 * full, 1.1 * full))  # most of `full` is interpreter start-up
+            # deliberate, the subject of the test: kill -9 at a random point of the apply (most of `full` is
+            # interpreter start-up)
+            time.sleep(rnd.uniform(0.3 * full, 1.1 * full))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            _settle(ns)
+            # no process left in the namespace (an orphaned iptables-restore finishing)
+            run_and_expect(lambda: netns.pids(ns), lambda pids: not pids, 10.0,
+                           interval=0.01).check("processes left in namespace")
             got = ruleset(ns, backend)
             assert got in (want_old, want_new), "half-applied ruleset after kill -9"
             seen["old" if got == want_old else "new"] += 1

@@ -16,22 +16,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 from routed import netns
 from routed.lab.routers import GobgpRouter, Neighbor, Router, kernel_routes, make_router
-from tests import helpers
+from tests.helpers import run_and_expect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 HARNESS = os.path.join(ROOT, "tests", "topo", "bgp_harness.py")
 TOR_ASN = 65100
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
-    """Poll until truthy; errors while a daemon comes up count as "not yet"."""
-    return helpers.wait_for(check, timeout, interval, what, ignore=(Exception,))
 
 
 def node_name(i: int) -> str:
@@ -202,7 +196,7 @@ class BgpTopo:
 
     def exabgp_pid(self, i: int) -> int | None:
         try:
-            return self.status(i)["status"].get("exabgp_pid")
+            return self.status(i)["status"].get("exabgpPid")
         except (OSError, ValueError, KeyError):
             return None
 
@@ -312,7 +306,7 @@ if __name__ == "__main__":  # manual smoke run: python tests/topo/bgp_topo.py [f
         topo.start_tor()
         for n in (1, 2):
             topo.start_node(n)
-        wait_for(topo.converged, 20, what="convergence")
+        run_and_expect(topo.converged, bool, 20, ignore=(Exception,)).check("convergence")
         print(topo.tor_routes(), topo.node_routes(1), topo.node_routes(2))
         print(topo.ping(1, 2).stdout)
     finally:

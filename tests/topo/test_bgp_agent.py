@@ -8,8 +8,9 @@ import subprocess
 import pytest
 import yaml
 
-from routed import netns
-from tests.topo.bgp_topo import ROOT, BgpTopo, wait_for
+from routed import api, netns
+from tests.helpers import run_and_expect
+from tests.topo.bgp_topo import ROOT, BgpTopo
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 ROUTED = os.path.join(ROOT, ".venv", "bin", "routed")
@@ -42,14 +43,14 @@ def _cleanup(t, procs):
     t.cleanup()
 
 
-def start_agent(t, i):
+def start_agent(t, i, failpoints=""):
     mdir = os.path.join(t.workdir, "manifests")
     os.makedirs(mdir, exist_ok=True)
     with open(os.path.join(mdir, "bgp.yaml"), "w") as f:
         yaml.safe_dump_all(t.objects(), f)
     state = os.path.join(t.workdir, f"agent{i}")
     os.makedirs(state, exist_ok=True)
-    env = dict(os.environ, ROUTED_POLICY__ENABLED="false")
+    env = dict(os.environ, ROUTED_POLICY__ENABLED="false", ROUTED_FAILPOINTS=failpoints)
     log = open(os.path.join(t.workdir, f"node{i}.log"), "ab")
     cmd = [ROUTED, "agent", "--node", f"node{i}", "--datastore", "manifest", "--manifest-dir", mdir,
            "--state-dir", state, "--socket", os.path.join(state, "agent.sock"), "--http-listen", ""]
@@ -63,10 +64,12 @@ def test_agent_announces_and_learns(topo):
     for i in (1, 2):
         start_agent(topo, i)
     try:
-        wait_for(lambda: "10.244.1.0/24" in topo.tor_routes() and "10.244.2.0/24" in topo.tor_routes(), 40,
-                 what="both CIDRs on the ToR")
-        wait_for(lambda: "10.244.2.0/24" in topo.node_routes(1), 20, what="node1 learns node2")
-        wait_for(lambda: "10.244.1.0/24" in topo.node_routes(2), 20, what="node2 learns node1")
+        run_and_expect(lambda: "10.244.1.0/24" in topo.tor_routes() and "10.244.2.0/24" in topo.tor_routes(),
+                       bool, 40, ignore=(Exception,)).check("both CIDRs on the ToR")
+        run_and_expect(lambda: "10.244.2.0/24" in topo.node_routes(1), bool, 20,
+                       ignore=(Exception,)).check("node1 learns node2")
+        run_and_expect(lambda: "10.244.1.0/24" in topo.node_routes(2), bool, 20,
+                       ignore=(Exception,)).check("node2 learns node1")
     except AssertionError:
         print(topo.logs())
         raise
@@ -74,4 +77,22 @@ def test_agent_announces_and_learns(topo):
     p = topo.agent_procs[1]
     p.send_signal(signal.SIGTERM)
     p.wait(15)
-    wait_for(lambda: "10.244.2.0/24" not in topo.tor_routes(), 10, what="withdraw after agent stop")
+    run_and_expect(lambda: "10.244.2.0/24" not in topo.tor_routes(), bool, 10,
+                   ignore=(Exception,)).check("withdraw after agent stop")
+
+
+def test_failed_bgp_updates_are_retried_until_the_tor_has_the_route(topo):
+    """The first three BGP updates of node1 fail (failpoint): the agent retries with backoff, reports the
+    failure meanwhile, and the ToR's kernel ends up with node1's pod CIDR via node1."""
+    start_agent(topo, 1, failpoints="bgp.update=3")
+    sock = os.path.join(topo.workdir, "agent1", "agent.sock")
+    failing = run_and_expect(lambda: api.call(sock, "status"), lambda s: s["bgp"]["updateError"] != "", 20,
+                             ignore=(OSError,)).check("the failing update is reported")
+    assert "failpoint bgp.update fired" in failing["bgp"]["updateError"] and not failing["ready"], failing
+    run_and_expect(lambda: "10.244.1.0/24" in topo.tor_routes(), bool, 40, ignore=(Exception,)).check(
+        f"node1's CIDR on the ToR; logs:\n{topo.logs()}")
+    assert topo.tor_routes()["10.244.1.0/24"] == [topo.node_addr(1)]
+    status = api.call(sock, "status")
+    assert status["bgp"]["updateError"] == "" and status["bgp"]["ready"], status["bgp"]
+    log = open(os.path.join(topo.workdir, "node1.log")).read()
+    assert log.count("bgp apply failed") == 3, log[-3000:]

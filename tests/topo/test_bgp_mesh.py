@@ -6,7 +6,8 @@ import os
 import pytest
 
 from routed import netns
-from tests.topo.bgp_topo import BgpTopo, wait_for
+from tests.helpers import run_and_expect
+from tests.topo.bgp_topo import BgpTopo
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 
@@ -50,13 +51,13 @@ def test_mesh(request):
         def full() -> bool:
             return all(len(topo.node_routes(i)) == 2 for i in (1, 2, 3))
 
-        wait_for(full, 30, what="full mesh routes")
+        run_and_expect(full, bool, 30, ignore=(Exception,)).check("full mesh routes")
     except AssertionError:
         print(topo.logs())
         raise
     assert topo.node_routes(1)["10.244.2.0/24"] == [topo.node_addr(2)]
     st = topo.status(2)["status"]
     assert sorted(p["name"] for p in st["peers"]) == ["mesh:node1", "mesh:node3"]
-    wait_for(lambda: all(p["state"] == "established" for p in topo.status(2)["status"]["peers"]), 15,
-             what="node2's sessions established")
+    run_and_expect(lambda: all(p["state"] == "established" for p in topo.status(2)["status"]["peers"]),
+                   bool, 15, ignore=(Exception,)).check("node2's sessions established")
     assert topo.ping(1, 3).returncode == 0

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from routed import netns
-from tests.topo.bgp_topo import BgpTopo, wait_for
+from tests.helpers import holds_for, run_and_expect
+from tests.topo.bgp_topo import BgpTopo
 
 pytestmark = [pytest.mark.topo, pytest.mark.netns]
 
@@ -47,7 +48,7 @@ def start_all(topo, tors=1):
     for i in range(1, topo.n + 1):
         topo.start_node(i)
     try:
-        wait_for(topo.converged, 30, what="convergence")
+        run_and_expect(topo.converged, bool, 30, ignore=(Exception,)).check("convergence")
     except AssertionError:
         print(topo.logs())
         raise
@@ -68,9 +69,9 @@ def test_routes_and_traffic(request, router):
     assert topo.ping(1, 3).returncode == 0
     st = topo.status(1)
     peer = st["status"]["peers"][0]
-    assert peer["state"] == "established" and peer["asn"] == 65100 and peer["advertised"] == 1
+    assert peer["state"] == "established" and peer["asNumber"] == 65100 and peer["advertised"] == 1
     adv = st["advertised"]
-    assert adv == [dict(adv[0], prefix="10.244.1.0/24", as_path=[65001], communities=["65000:100"])]
+    assert adv == [dict(adv[0], prefix="10.244.1.0/24", asPath=[65001], communities=["65000:100"])]
     if router == "frr":  # FRR echoes every node's own prefix back: received, rejected, never installed
         echo = [r for r in st["received"] if r["prefix"] == "10.244.1.0/24"]
         assert echo and echo[0]["rejected"] == "own AS in path"
@@ -93,20 +94,24 @@ def test_cidr_change_and_overlaps(request):
     # the ToR originates: a route inside node1's CIDR, node1's link subnet (connected there), a default route
     frr.vtysh("configure terminal\nrouter bgp 65100\naddress-family ipv4 unicast\nnetwork 10.244.1.128/25\n"
               "network 10.1.1.0/24\nnetwork 0.0.0.0/0\nnetwork 10.99.0.0/16")
-    wait_for(lambda: "10.99.0.0/16" in topo.node_routes(1), 10, what="ToR-originated route")
+    run_and_expect(lambda: "10.99.0.0/16" in topo.node_routes(1), bool, 10,
+                   ignore=(Exception,)).check("ToR-originated route")
     routes = topo.node_routes(1)
     assert "10.244.1.128/25" not in routes and "0.0.0.0/0" not in routes and "10.1.1.0/24" not in routes
-    wait_for(lambda: "10.1.1.0/24" in topo.status(1)["status"]["route_conflicts"], 5, what="conflict reported")
+    run_and_expect(lambda: "10.1.1.0/24" in topo.status(1)["status"]["routeConflicts"], bool, 5,
+                   ignore=(Exception,)).check("conflict reported")
     assert "10.244.1.128/25" in topo.node_routes(2)  # node2 does not own it
     # pod CIDR change: the new one appears on the ToR and node2, the old one is withdrawn
     topo.cidrs[1] = ["10.245.1.0/24"]
     topo.write_spec(1)
-    wait_for(lambda: "10.245.1.0/24" in topo.tor_routes() and "10.244.1.0/24" not in topo.tor_routes(), 10,
-             what="CIDR change on the ToR")
-    wait_for(lambda: "10.245.1.0/24" in topo.node_routes(2) and "10.244.1.0/24" not in topo.node_routes(2), 10,
-             what="CIDR change on node2")
+    run_and_expect(lambda: "10.245.1.0/24" in topo.tor_routes() and "10.244.1.0/24" not in topo.tor_routes(),
+                   bool, 10, ignore=(Exception,)).check("CIDR change on the ToR")
+    run_and_expect(lambda: "10.245.1.0/24" in topo.node_routes(2)
+                   and "10.244.1.0/24" not in topo.node_routes(2),
+                   bool, 10, ignore=(Exception,)).check("CIDR change on node2")
     # node1 now accepts 10.244.1.128/25 (no longer inside its own CIDR)
-    wait_for(lambda: "10.244.1.128/25" in topo.node_routes(1), 10)
+    run_and_expect(lambda: "10.244.1.128/25" in topo.node_routes(1), bool, 10,
+                   ignore=(Exception,)).check("node1 accepts 10.244.1.128/25")
 
 
 def test_stopped_node_withdrawn(request):
@@ -115,8 +120,10 @@ def test_stopped_node_withdrawn(request):
     # clean stop: withdraw + close
     t0 = time.monotonic()
     topo.stop_node(2, graceful=True)
-    wait_for(lambda: "10.244.2.0/24" not in topo.tor_routes(), 5, what="withdraw on the ToR")
-    wait_for(lambda: "10.244.2.0/24" not in topo.node_routes(1), 5, what="withdraw on node1")
+    run_and_expect(lambda: "10.244.2.0/24" not in topo.tor_routes(), bool, 5,
+                   ignore=(Exception,)).check("withdraw on the ToR")
+    run_and_expect(lambda: "10.244.2.0/24" not in topo.node_routes(1), bool, 5,
+                   ignore=(Exception,)).check("withdraw on node1")
     assert time.monotonic() - t0 < 5
     assert topo.node_routes(2) == {}, "clean stop removes the node's learned routes"
     # frozen node (no keepalives): gone within the hold time
@@ -126,9 +133,11 @@ def test_stopped_node_withdrawn(request):
     os.kill(exa, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        wait_for(lambda: "10.244.3.0/24" not in topo.tor_routes(), 3 + 3, interval=0.1, what="hold timer")
+        run_and_expect(lambda: "10.244.3.0/24" not in topo.tor_routes(), bool, 3 + 3, interval=0.1,
+                       ignore=(Exception,)).check("hold timer")
         assert time.monotonic() - t0 <= 3 + 1.5
-        wait_for(lambda: "10.244.3.0/24" not in topo.node_routes(1), 5)
+        run_and_expect(lambda: "10.244.3.0/24" not in topo.node_routes(1), bool, 5,
+                       ignore=(Exception,)).check("frozen node3's route gone from node1")
     finally:
         os.kill(exa, signal.SIGCONT)
         os.kill(harness, signal.SIGCONT)
@@ -141,16 +150,19 @@ def test_kill9_speaker_zero_loss(request):
                                                             "10.244.1.1", "10.244.2.1"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(1.0)  # ping running (not a synchronisation sleep)
+        # some traffic flows before the kill: ping stays up (still sending) for 1 s
+        holds_for(ping.poll, None, 1.0).check("ping running before the kill")
         topo.kill9_node(2)
         # the ToR (GR helper) keeps node2's route; node2 keeps its learned routes
-        time.sleep(0.5)
-        assert "10.244.2.0/24" in topo.tor_routes()
-        assert "10.244.1.0/24" in topo.node_routes(2)
+        holds_for(lambda: {"tor": "10.244.2.0/24" in topo.tor_routes(),
+                           "node2": "10.244.1.0/24" in topo.node_routes(2)},
+                  {"tor": True, "node2": True}, 0.5).check("routes retained after kill -9")
         before = topo.node_routes(2)
         topo.start_node(2)
-        wait_for(lambda: established(topo, 2), 15, what="node2 re-established")
-        wait_for(lambda: topo.status(2)["status"]["synced"], 15, what="node2 End-of-RIB")
+        run_and_expect(lambda: established(topo, 2), bool, 15,
+                       ignore=(Exception,)).check("node2 re-established")
+        run_and_expect(lambda: topo.status(2)["status"]["synced"], bool, 15,
+                       ignore=(Exception,)).check("node2 End-of-RIB")
         assert topo.node_routes(2) == before, "routes must not be flushed/re-added after restart"
         frr_rib = topo.routers[1].rib()["routes"]["10.244.2.0/24"]
         assert not any(p.get("stale") for p in frr_rib), frr_rib
@@ -164,11 +176,14 @@ def test_md5(request):
     topo.start_tor()
     topo.start_node(1)
     topo.start_node(2)
-    wait_for(lambda: established(topo, 1), 20, what="node1 with the right password")
-    time.sleep(3)  # give node2 time to (fail to) connect
-    assert not established(topo, 2)
+    run_and_expect(lambda: established(topo, 1), bool, 20,
+                   ignore=(Exception,)).check("node1 with the right password")
+    # node2 gets 3 s to (fail to) connect: its session must never come up meanwhile
+    # (no status file yet counts as not up)
+    holds_for(lambda: os.path.exists(topo.status_path(2)) and established(topo, 2), False, 3).check(
+        "node2 (wrong password) never established")
     peer = topo.status(2)["status"]["peers"][0]
-    assert peer["md5"] and peer["last_error"], peer
+    assert peer["md5"] and peer["lastError"], peer
     assert topo.node_addr(2) not in topo.routers[1].established()
     assert "10.244.2.0/24" not in topo.tor_routes()
 
@@ -176,19 +191,21 @@ def test_md5(request):
 def test_dual_tor_ecmp(request):
     topo = make(request, nodes=2, tors=2)
     start_all(topo, tors=2)
-    wait_for(lambda: len(topo.node_routes(1).get("10.244.2.0/24", [])) == 2, 15, what="ECMP route")
+    run_and_expect(lambda: len(topo.node_routes(1).get("10.244.2.0/24", [])) == 2, bool, 15,
+                   ignore=(Exception,)).check("ECMP route")
     assert topo.node_routes(1)["10.244.2.0/24"] == sorted([topo.tor_addr(1, 1), topo.tor_addr(1, 2)])
     ping = subprocess.Popen(netns.ns_cmd(topo.node_ns(1), ["ping", "-q", "-n", "-i", "0.02", "-w", "6", "-I",
                                                             "10.244.1.1", "10.244.2.1"]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(1.0)  # ping running
+    # some traffic flows before ToR 2 dies: ping stays up (still sending) for 1 s
+    holds_for(ping.poll, None, 1.0).check("ping running before ToR 2 dies")
     # ToR 2 dies: its links go down first (the nodes see no FIN/NOTIFICATION), then its daemons
     for i in (1, 2):
         netns.ns_run(topo.tor_ns(2), ["ip", "link", "set", f"n{i}", "down"])
     topo.routers[2].stop()
     # hold timer (3 s) expiry -> NOTIFICATION sent -> no graceful-restart retention -> path removed
-    wait_for(lambda: topo.node_routes(1).get("10.244.2.0/24") == [topo.tor_addr(1, 1)], 3 + 5,
-             what="one path left")
+    run_and_expect(lambda: topo.node_routes(1).get("10.244.2.0/24") == [topo.tor_addr(1, 1)], bool, 3 + 5,
+                   ignore=(Exception,)).check("one path left")
     out, _ = ping.communicate(timeout=20)
     stats = out.split("packets transmitted, ")[1]
     sent = int(out.split(" packets transmitted")[0].split()[-1])
@@ -205,13 +222,15 @@ def test_exabgp_crash_restarted_hitless(request):
     before_node = topo.node_routes(2)
     old = topo.exabgp_pid(2)
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: topo.exabgp_pid(2) not in (None, old), 10, what="ExaBGP restarted by the speaker")
+    run_and_expect(lambda: topo.exabgp_pid(2) not in (None, old), bool, 10,
+                   ignore=(Exception,)).check("ExaBGP restarted by the speaker")
     assert topo.tor_routes()["10.244.2.0/24"] == before_tor  # ToR kept it (GR helper)
-    wait_for(lambda: established(topo, 2), 15, what="re-established")
-    wait_for(lambda: topo.status(2)["status"]["peers"][0]["eor_received"], 10)
+    run_and_expect(lambda: established(topo, 2), bool, 15, ignore=(Exception,)).check("re-established")
+    run_and_expect(lambda: topo.status(2)["status"]["peers"][0]["eorReceived"], bool, 10,
+                   ignore=(Exception,)).check("End-of-RIB received from the ToR")
     assert topo.node_routes(2) == before_node
     st = topo.status(2)
-    assert st["ready"] and st["status"]["exabgp_restarts"] == 2
+    assert st["ready"] and st["status"]["exabgpRestarts"] == 2
     assert topo.ping(2, 1).returncode == 0
 
 
@@ -221,7 +240,7 @@ def test_ibgp_route_reflector(request, router):
     start_all(topo)
     assert topo.node_routes(1)["10.244.2.0/24"] == [topo.tor_addr(1)]  # next-hop-self on the reflector
     st = topo.status(1)
-    assert st["status"]["asn"] == 65100
+    assert st["status"]["asNumber"] == 65100
     echo = [r for r in st["received"] if r["prefix"] == "10.244.1.0/24"]
     assert all(r["rejected"] for r in echo)
     assert topo.ping(1, 3).returncode == 0

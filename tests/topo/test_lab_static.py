@@ -12,9 +12,9 @@ import pytest
 
 from routed import api, netns
 from routed.lab.lab import Lab
-from tests.helpers import requires_root, run_and_expect
+from tests.helpers import run_and_expect
 
-pytestmark = [requires_root, pytest.mark.topo]
+pytestmark = [pytest.mark.requires_root, pytest.mark.topo]
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lab", "two-nodes.yaml")
 
 
@@ -59,10 +59,12 @@ def test_tor_link_carries_pod_ips_unencapsulated(lab):
     try:
         # tcpdump prints "listening on" to stderr once it captures
         assert capture.stderr is not None
-        banner = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line, timeout=5)
-        assert "listening on" in banner
+        ok, banner, _ = run_and_expect(capture.stderr.readline,
+                                       lambda line: "listening on" in line or not line, timeout=5)
+        assert ok and "listening on" in banner, f"tcpdump not capturing: {banner!r}"
         lines = run_and_expect(lambda: lab.matrix(ports=[80], protocols=["tcp"]),
-                               lambda rows: all(r["allowed"] for r in rows), timeout=5)
+                               lambda rows: all(r["allowed"] for r in rows),
+                               timeout=5).check("TCP 80 allowed between all pods")
         assert lines
         out, _ = capture.communicate(timeout=10)
     finally:
@@ -84,10 +86,10 @@ def test_agent_crash_does_not_disturb_pods(lab):
     before = {p.key: p.ips for p in state.pods.values()}
     os.kill(pid, signal.SIGKILL)
     # the lab restarts it, as kubelet restarts a DaemonSet pod
-    new_pid = run_and_expect(lambda: int(lab.paths.agent_pid(node.name).read_text()), lambda p: p != pid, timeout=10)
-    assert new_pid != pid
-    status = run_and_expect(lambda: lab.agent_status(node.name) or {}, lambda s: s.get("ready"), timeout=30)
-    assert status.get("ready"), status
+    run_and_expect(lambda: int(lab.paths.agent_pid(node.name).read_text()), lambda p: p != pid,
+                   timeout=10).check("agent restarted (new pid)")
+    status = run_and_expect(lambda: lab.agent_status(node.name) or {}, lambda s: s.get("ready"),
+                            timeout=30).check("agent ready after the restart")
     assert status["endpoints"] == sum(1 for p in state.pods.values() if p.node == node.name)
     rows = lab.matrix(protocols=["tcp"])
     assert rows and all(r["allowed"] for r in rows)
@@ -115,8 +117,8 @@ def test_pod_delete_and_recreate(lab, tmp_path):
     lab.delete(str(manifest))
     assert "demo/extra" not in lab.state().pods
     assert not netns.exists(pod.netns)
-    ipam = run_and_expect(lambda: lab.agent_status("node2") or {}, lambda s: s.get("endpoints") == 2, timeout=10)
-    assert ipam["endpoints"] == 2
+    run_and_expect(lambda: lab.agent_status("node2") or {}, {"endpoints": 2},
+                   timeout=10).check("node2 back to 2 endpoints")
 
 
 def _http_get(node_netns: str, path: str) -> tuple[int, str]:

@@ -6,7 +6,6 @@ matrix until it equals the expected table, written by hand from the NetworkPolic
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -14,7 +13,7 @@ import yaml
 
 from routed import api, netns
 from routed.lab.lab import Lab
-from tests.helpers import requires_root, run_and_expect
+from tests.helpers import run_and_expect
 from tests.topo.netpol_model import (
     ANY,
     Reachability,
@@ -25,7 +24,7 @@ from tests.topo.netpol_model import (
     policy,
 )
 
-pytestmark = [requires_root, pytest.mark.topo]
+pytestmark = [pytest.mark.requires_root, pytest.mark.topo]
 CONVERGE_SECONDS = 20.0
 
 
@@ -59,10 +58,10 @@ def apply(lab, tmp_path):
 
 def expect_matrix(lab: Lab, expected: Reachability) -> None:
     wanted = expected.table
-    seen = run_and_expect(lambda: observed(lab.matrix(timeout=0.8)), lambda s: s == wanted, timeout=CONVERGE_SECONDS,
-                          interval=0.2)
+    ok, seen, _ = run_and_expect(lambda: observed(lab.matrix(timeout=0.8)), lambda s: s == wanted,
+                                 timeout=CONVERGE_SECONDS, interval=0.2)
     problems = diff(wanted, seen)
-    assert not problems, f"{len(problems)} cells differ:\n" + "\n".join(problems[:40])
+    assert ok and not problems, f"{len(problems)} cells differ:\n" + "\n".join(problems[:40])
 
 
 def test_no_policy_all_allowed(lab):
@@ -256,7 +255,7 @@ def test_invalid_policy_fails_closed_and_others_work(lab, apply):
     expect_matrix(lab, Reachability.all().set(ANY, pods_where("x", "a"), False)
                   .set(ANY, pods_where("y", "a"), False).allow_loopback())
     report = api.call(lab.paths.node_socket("node1"), "policy.report")
-    invalid = report.get("invalid_policies") or []
+    invalid = report.get("invalidPolicies") or []
     assert any("x/bad-cidr" in str(item) for item in invalid), report
 
 
@@ -272,14 +271,17 @@ def test_explain_agrees_with_matrix(lab, apply):
         policy("e3", "z", {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Ingress", "Egress"],
                            "ingress": [{"from": [{"podSelector": {}}]}]}),
     )
-    # let the dataplane settle on a stable matrix (two identical reads), then compare every cell
-    previous: dict[Any, bool] = {}
-    deadline = time.monotonic() + CONVERGE_SECONDS
-    while time.monotonic() < deadline:
-        seen = observed(lab.matrix(timeout=0.8))
-        if seen == previous:
-            break
-        previous = seen
+    # let the dataplane settle on a stable matrix (two identical reads in a row), then compare every cell
+    # (as before, a matrix that never settles within CONVERGE_SECONDS is compared as last read)
+    reads: list[dict[Any, bool]] = [{}]
+
+    def last_two_reads() -> list[dict[Any, bool]]:
+        reads.append(observed(lab.matrix(timeout=0.8)))
+        return reads[-2:]
+
+    _, last_two, _ = run_and_expect(last_two_reads, lambda pair: pair[0] == pair[1], CONVERGE_SECONDS,
+                                    interval=0)
+    seen = last_two[1]
     socket = lab.paths.node_socket("node1")
     mismatches = []
     for (src, dst, port, proto), allowed in seen.items():

@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from routed.api import ApiError, ApiServer, call
+from routed.api import ApiServer, call
+from routed.errors import Code, RoutedError
 
 
 def test_round_trip_errors_and_unknown_methods(tmp_path):
@@ -17,7 +18,7 @@ def test_round_trip_errors_and_unknown_methods(tmp_path):
         return {"echo": params}
 
     async def fails(params):
-        raise ApiError(7, "bad config", "field x")
+        raise RoutedError("bad config", "field x", code=Code.INVALID_CONFIG)
 
     async def crashes(params):
         raise RuntimeError("boom")
@@ -39,15 +40,15 @@ def test_round_trip_errors_and_unknown_methods(tmp_path):
     try:
         assert ready.wait(5)
         assert call(path, "echo", {"a": 1}) == {"echo": {"a": 1}}
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(RoutedError) as err:
             call(path, "fails")
-        assert (err.value.code, err.value.msg, err.value.details) == (7, "bad config", "field x")
-        with pytest.raises(ApiError) as err:
+        assert (err.value.code, err.value.msg, err.value.details) == (Code.INVALID_CONFIG, "bad config", "field x")
+        with pytest.raises(RoutedError) as err:
             call(path, "crashes")
-        assert err.value.code == 999 and "boom" in err.value.msg
-        with pytest.raises(ApiError) as err:
+        assert err.value.code == Code.UNEXPECTED and "boom" in err.value.msg
+        with pytest.raises(RoutedError) as err:
             call(path, "nope")
-        assert err.value.code == 104
+        assert err.value.code == Code.UNKNOWN_METHOD
     finally:
         main.done = True  # type: ignore[attr-defined]
         thread.join(5)

@@ -100,8 +100,8 @@ def test_adj_rib_out():
     out.record(parse_message(update("10.1.1.1", [("10.244.1.0/24", "10.1.1.2")], as_path=(65001,),
                                     direction="send", communities=["65000:100"])), 1.0)
     adv = out.advertised("10.1.1.1")
-    assert adv[0]["prefix"] == "10.244.1.0/24" and adv[0]["as_path"] == [65001]
-    assert adv[0]["communities"] == ["65000:100"] and adv[0]["nexthop"] == "10.1.1.2"
+    assert adv[0]["prefix"] == "10.244.1.0/24" and adv[0]["asPath"] == [65001]
+    assert adv[0]["communities"] == ["65000:100"] and adv[0]["nextHop"] == "10.1.1.2"
     out.record(parse_message(update("10.1.1.1", withdraw=["10.244.1.0/24"], direction="send")), 2.0)
     assert out.advertised("10.1.1.1") == []
     assert Route("p", "n").as_dict()["prefix"] == "p"

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from cni import errors
 from cni.plugin import run
+from routed.errors import Code
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,13 +123,13 @@ def test_version_is_answered_locally(tmp_path: Path) -> None:
 
 def test_validation_happens_before_contacting_the_agent(agent: FakeAgent, tmp_path: Path) -> None:
     rc, out = call({"CNI_COMMAND": "ADD"}, netconf(tmp_path, agent.path))
-    assert rc == 1 and out["code"] == errors.INVALID_ENV and "CNI_CONTAINERID" in out["msg"]
+    assert rc == 1 and out["code"] == Code.INVALID_ENV and "CNI_CONTAINERID" in out["msg"]
     rc, out = call(ADD_ENV, b"{oops")
-    assert rc == 1 and out["code"] == errors.DECODE_FAILURE
+    assert rc == 1 and out["code"] == Code.DECODE_FAILURE
     rc, out = call(ADD_ENV, netconf(tmp_path, agent.path, "9.9.9"))
-    assert rc == 1 and out["code"] == errors.INCOMPATIBLE_VERSION and out["cniVersion"] == "1.1.0"
+    assert rc == 1 and out["code"] == Code.INCOMPATIBLE_VERSION and out["cniVersion"] == "1.1.0"
     rc, out = call({k: v for k, v in ADD_ENV.items() if k != "CNI_COMMAND"}, netconf(tmp_path, agent.path))
-    assert rc == 1 and out["code"] == errors.INVALID_ENV and "CNI_COMMAND" in out["msg"]
+    assert rc == 1 and out["code"] == Code.INVALID_ENV and "CNI_COMMAND" in out["msg"]
     assert agent.requests == []
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from cni import errors
-from cni.errors import CniError
 from cni.names import attachment_key, host_veth_name, is_host_veth_name
 from cni.request import (
     decode_netconf,
@@ -16,6 +14,7 @@ from cni.request import (
     version_for_errors,
 )
 from cni.result import Interface, build_add_result
+from routed.errors import Code, RoutedError
 
 GOOD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_NETNS": "/var/run/netns/x", "CNI_IFNAME": "eth0"}
 
@@ -52,9 +51,9 @@ def test_host_veth_name_matches_documented_formula() -> None:
     ],
 )
 def test_missing_env_is_code_4_and_named(env: dict, missing: list[str]) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         parse_env(env)
-    assert info.value.code == errors.INVALID_ENV
+    assert info.value.code == Code.INVALID_ENV
     for var in missing:
         assert var in info.value.msg and var in info.value.details
 
@@ -67,9 +66,9 @@ def test_del_gc_status_need_no_netns() -> None:
 
 @pytest.mark.parametrize("cmd", ["", "ADDX", "add"])
 def test_bad_command(cmd: str) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         parse_env({"CNI_COMMAND": cmd} if cmd else {})
-    assert info.value.code == errors.INVALID_ENV
+    assert info.value.code == Code.INVALID_ENV
     assert "CNI_COMMAND" in info.value.msg
 
 
@@ -77,9 +76,9 @@ def test_bad_command(cmd: str) -> None:
     "var,value", [("CNI_CONTAINERID", "-bad"), ("CNI_CONTAINERID", "a/b"), ("CNI_IFNAME", "x" * 16), ("CNI_IFNAME", "a/b"), ("CNI_IFNAME", "..")]
 )
 def test_invalid_env_values(var: str, value: str) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         parse_env({**GOOD_ENV, var: value})
-    assert info.value.code == errors.INVALID_ENV and var in info.value.msg
+    assert info.value.code == Code.INVALID_ENV and var in info.value.msg
 
 
 def test_cni_args() -> None:
@@ -89,16 +88,16 @@ def test_cni_args() -> None:
         "IgnoreUnknown": "1",
     }
     assert parse_cni_args("") == {}
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         parse_cni_args("novalue")
-    assert info.value.code == errors.INVALID_ENV
+    assert info.value.code == Code.INVALID_ENV
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b"[1,2]", b'"x"'])
 def test_decode_failures_are_code_6(raw: bytes) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         decode_netconf(raw)
-    assert info.value.code == errors.DECODE_FAILURE
+    assert info.value.code == Code.DECODE_FAILURE
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
@@ -109,51 +108,51 @@ def test_supported_versions(version: str) -> None:
 
 @pytest.mark.parametrize("version", ["0.3.1", "2.0.0", "1.1", "banana"])
 def test_unsupported_version_is_code_1(version: str) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         validate_netconf("ADD", conf(version))
-    assert info.value.code == errors.INCOMPATIBLE_VERSION
+    assert info.value.code == Code.INCOMPATIBLE_VERSION
     assert version_for_errors(conf(version)) == "1.1.0"
 
 
 @pytest.mark.parametrize("verb", ["GC", "STATUS"])
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0"])
 def test_gc_status_need_1_1(verb: str, version: str) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         validate_netconf(verb, conf(version))
-    assert info.value.code == errors.INCOMPATIBLE_VERSION
+    assert info.value.code == Code.INCOMPATIBLE_VERSION
     validate_netconf(verb, conf("1.1.0"))
 
 
 @pytest.mark.parametrize(
     "bad,code",
     [
-        ({"cniVersion": "1.0.0", "type": "x"}, errors.INVALID_CONFIG),  # no name
-        ({"name": "x"}, errors.INVALID_CONFIG),  # no version
-        (conf(mtu=10), errors.INVALID_CONFIG),
-        (conf(mtu="1500"), errors.INVALID_CONFIG),
-        (conf(socketPath=3), errors.INVALID_CONFIG),
-        (conf(dns=[1]), errors.INVALID_CONFIG),
-        (conf(ipam={"type": "host-local"}), errors.UNSUPPORTED_FIELD),
+        ({"cniVersion": "1.0.0", "type": "x"}, Code.INVALID_CONFIG),  # no name
+        ({"name": "x"}, Code.INVALID_CONFIG),  # no version
+        (conf(mtu=10), Code.INVALID_CONFIG),
+        (conf(mtu="1500"), Code.INVALID_CONFIG),
+        (conf(socketPath=3), Code.INVALID_CONFIG),
+        (conf(dns=[1]), Code.INVALID_CONFIG),
+        (conf(ipam={"type": "host-local"}), Code.UNSUPPORTED_FIELD),
     ],
 )
 def test_invalid_netconf(bad: dict, code: int) -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         validate_netconf("ADD", bad)
     assert info.value.code == code
 
 
 def test_check_needs_prev_result() -> None:
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         validate_netconf("CHECK", conf())
-    assert info.value.code == errors.INVALID_CONFIG
+    assert info.value.code == Code.INVALID_CONFIG
     validate_netconf("CHECK", conf(prevResult={}))
 
 
 def test_gc_valid_attachments_shape() -> None:
     validate_netconf("GC", conf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]}))
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         validate_netconf("GC", conf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "a"}]}))
-    assert info.value.code == errors.INVALID_CONFIG
+    assert info.value.code == Code.INVALID_CONFIG
 
 
 def test_request_from_params_revalidates() -> None:
@@ -161,10 +160,10 @@ def test_request_from_params_revalidates() -> None:
         {"command": "ADD", "containerId": "c1", "netns": "/x", "ifname": "eth0", "args": "K8S_POD_NAME=p", "config": conf()}
     )
     assert req.pod_name == "p" and req.cni_version == "1.0.0"
-    with pytest.raises(CniError) as info:
+    with pytest.raises(RoutedError) as info:
         request_from_params({"command": "ADD", "containerId": "c1", "ifname": "eth0", "config": conf()})
-    assert info.value.code == errors.INVALID_ENV
-    with pytest.raises(CniError):
+    assert info.value.code == Code.INVALID_ENV
+    with pytest.raises(RoutedError):
         request_from_params({"command": "ADD", "containerId": "c1", "netns": "/x", "ifname": "eth0", "config": "x"})
 
 

@@ -29,7 +29,7 @@ def _source(tmp: Path) -> Path:
     src = tmp / "src"
     shutil.copytree(ROOT / "cni", src / "cni", ignore=shutil.ignore_patterns("__pycache__"))
     (src / "routed").mkdir()
-    for name in ("__init__.py", "constants.py"):
+    for name in ("__init__.py", "constants.py", "errors.py"):
         shutil.copy(ROOT / "routed" / name, src / "routed" / name)
     return src
 
@@ -60,8 +60,8 @@ def test_upgrade_switches_launcher_and_prunes(tmp_path: Path) -> None:
     bin_dir, conf_dir, src = tmp_path / "bin", tmp_path / "net.d", _source(tmp_path)
     versions = []
     for i in range(3):
-        (src / "cni" / "errors.py").write_text((ROOT / "cni" / "errors.py").read_text() + f"\n# build {i}\n")
-        os.utime(src / "cni" / "errors.py")
+        (src / "cni" / "names.py").write_text((ROOT / "cni" / "names.py").read_text() + f"\n# build {i}\n")
+        os.utime(src / "cni" / "names.py")
         m.install(bin_dir, conf_dir, CONFLIST, src, str(bin_dir), sys.executable)
         text = (bin_dir / "routed-cni").read_text()
         versions.append(text.split(".routed-cni/")[1].split("'")[0])

@@ -29,7 +29,7 @@ def test_add_modify_delete_and_bad_file_keeps_objects(tmp_path):
 
     (tmp_path / "pods.yaml").write_text("kind: Pod\nmetadata: {name: [broken\n")
     assert store.scan() == []  # a half-written file deletes nothing
-    assert store.errors
+    assert store.errors()
 
     (tmp_path / "pods.yaml").unlink()
     events = store.scan()

@@ -1,9 +1,12 @@
-"""Controller behaviour without a kernel: retries with backoff, not-ready, last good state kept."""
+"""Controller behaviour without a kernel: a failed apply raises, not-ready, last good state kept; the CNI ADD
+path retries quickly."""
 
 from __future__ import annotations
 
+import pytest
+
 from policy.calc import PolicyInputs
-from policy.controller import PolicyController
+from policy.controller import PolicyApplyError, PolicyController
 from routed.config import PolicyOptions
 from routed.model import Endpoint, Namespace, Pod
 
@@ -14,10 +17,10 @@ def _inputs(policies=()):
     return PolicyInputs([Namespace("x")], [pod], list(policies), [ep], [])
 
 
-def test_apply_failure_retries_then_not_ready_and_keeps_last_good(monkeypatch):
+def test_apply_failure_raises_keeps_last_good_and_endpoint_path_retries(monkeypatch):
     # backend given explicitly: no detection (nothing is read or written outside this test)
     ctl = PolicyController(PolicyOptions(iptables_backend="nft", apply_retries=2), "n")
-    ctl.backoff_base = 0.001
+    ctl.endpoint_backoff.base = ctl.endpoint_backoff.cap = 0.001
     calls = []
 
     def ok(calc, ruleset, report):
@@ -31,14 +34,18 @@ def test_apply_failure_retries_then_not_ready_and_keeps_last_good(monkeypatch):
     assert ctl.sync(_inputs()).ok and ctl.report()["ready"]
     good = ctl._ruleset
     monkeypatch.setattr(ctl, "_apply_once", broken)
-    report = ctl.sync(_inputs([{"metadata": {"name": "d", "namespace": "x"}, "spec": {"podSelector": {}}}]))
-    assert not report.ok and report.attempts == 3 and calls.count("fail") == 3
-    assert "resource busy" in report.error
+    with pytest.raises(PolicyApplyError) as failed:
+        ctl.sync(_inputs([{"metadata": {"name": "d", "namespace": "x"}, "spec": {"podSelector": {}}}]))
+    assert not failed.value.report.ok and calls.count("fail") == 1
+    assert "resource busy" in failed.value.report.error
     status = ctl.report()
-    assert status["ready"] is False and "resource busy" in status["last_error"]
+    assert status["ready"] is False and "resource busy" in status["lastError"] and status["failures"] == 1
     assert ctl._ruleset is good  # the last good desired state is what drop counters etc. refer to
+    with pytest.raises(PolicyApplyError):
+        ctl.ensure_endpoint(_inputs())
+    assert calls.count("fail") == 4  # 1 + apply_retries attempts on the ADD path
     monkeypatch.setattr(ctl, "_apply_once", ok)
-    assert ctl.sync(_inputs()).ok and ctl.report()["ready"]
+    assert ctl.sync(_inputs()).ok and ctl.report()["ready"] and ctl.report()["failures"] == 0
 
 
 def test_invalid_policy_in_report(monkeypatch):
@@ -49,5 +56,5 @@ def test_invalid_policy_in_report(monkeypatch):
     report = ctl.sync(_inputs([bad]))
     assert report.ok
     assert report.invalid == [{"policy": "x/bad", "reasons": ["spec.egress[0].to[0].ipBlock.cidr: invalid CIDR 'nope'"],
-                               "fail_closed": ["Ingress", "Egress"]}]
-    assert ctl.report()["invalid_policies"][0]["policy"] == "x/bad"
+                               "failClosed": ["Ingress", "Egress"]}]
+    assert ctl.report()["invalidPolicies"][0]["policy"] == "x/bad"

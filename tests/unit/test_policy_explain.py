@@ -21,7 +21,7 @@ def pol(name, spec, ns="prod"):
 
 def test_default_allow():
     e = explain(inputs([]), CLI, WEB, 80, "TCP")
-    assert e.allowed and "no policy selects" in e.ingress.reason and "no policy selects" in e.egress.reason
+    assert e["allowed"] and "no policy selects" in e["ingress"]["reason"] and "no policy selects" in e["egress"]["reason"]
 
 
 def test_rule_decides_and_default_deny():
@@ -30,11 +30,11 @@ def test_rule_decides_and_default_deny():
                                   {"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}],
                                    "ports": [{"port": "http"}]}]})
     e = explain(inputs([p]), CLI, WEB, 8080, "TCP")
-    assert e.allowed and e.ingress.policy == "prod/allow" and e.ingress.rule_index == 1
+    assert e["allowed"] and e["ingress"]["policy"] == "prod/allow" and e["ingress"]["ruleIndex"] == 1
     e = explain(inputs([p]), "prod/cli", "10.0.0.1", 80, "TCP")
-    assert not e.allowed and "default deny" in e.ingress.reason
-    assert not explain(inputs([p]), DEV, WEB, 8080, "TCP").allowed  # podSelector alone: same namespace
-    assert explain(inputs([p]), "192.168.0.1", WEB, 80, "TCP").allowed  # node traffic (probes)
+    assert not e["allowed"] and "default deny" in e["ingress"]["reason"]
+    assert not explain(inputs([p]), DEV, WEB, 8080, "TCP")["allowed"]  # podSelector alone: same namespace
+    assert explain(inputs([p]), "192.168.0.1", WEB, 80, "TCP")["allowed"]  # node traffic (probes)
     assert policies_for(inputs([p]), WEB) == {"ingress": ["prod/allow"], "egress": []}
     assert policies_for(inputs([p]), "prod/cli") == {"ingress": [], "egress": []}
 
@@ -42,12 +42,12 @@ def test_rule_decides_and_default_deny():
 def test_egress_ip_block_except():
     p = pol("eg", {"podSelector": {}, "policyTypes": ["Egress"],
                    "egress": [{"to": [{"ipBlock": {"cidr": "8.0.0.0/8", "except": ["8.8.0.0/16"]}}]}]})
-    assert explain(inputs([p]), CLI, "8.1.1.1", 443, "TCP").allowed
+    assert explain(inputs([p]), CLI, "8.1.1.1", 443, "TCP")["allowed"]
     e = explain(inputs([p]), CLI, "8.8.8.8", 443, "TCP")
-    assert not e.allowed and e.egress.pod == "prod/cli"
+    assert not e["allowed"] and e["egress"]["pod"] == "prod/cli"
 
 
 def test_invalid_policy_explained_as_fail_closed():
     bad = pol("bad", {"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]})
     e = explain(inputs([bad]), DEV, WEB, 80, "TCP")
-    assert not e.allowed and "invalid" in e.ingress.reason
+    assert not e["allowed"] and "invalid" in e["ingress"]["reason"]

@@ -1,0 +1,198 @@
+"""The shapes of the local API's results: one TypedDict per method, keys in camelCase (as our CRDs).
+
+Stdlib only, so clients (the CLI, tests, other tools) can import it without the agent's dependencies. The agent
+builds exactly these shapes and the CLI views read exactly these keys; HACKING.md lists the methods.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+
+class TaskStatus(TypedDict):
+    """One supervised task (routed/supervisor.py)."""
+
+    name: str
+    state: Literal["running", "restarting", "failed", "stopped"]
+    required: bool
+    onFailure: Literal["restart", "fatal"]
+    restarts: int
+    lastError: str
+    busy: str
+    busySeconds: float
+
+
+# ---- datastore, CNI ------------------------------------------------------------------------------
+
+
+class DatastoreStatus(TypedDict):
+    kind: str  # manifest | kube
+    ready: bool
+    synced: bool  # the first complete listing is in
+    error: str  # why it cannot start or sync right now ("" when fine)
+    errors: dict[str, str]  # per kind (kube) or per file (manifest): the last error
+    objects: dict[str, int]  # cached objects per kind
+
+
+class CniStatus(TypedDict):
+    ready: bool
+    reason: str
+    serving: bool  # answering ADDs (only after the first policy sync)
+    endpoints: int
+    podCIDRs: list[str]
+    mtu: int
+    repairs: int  # kernel objects restored by resyncs (pod routes, blackholes)
+
+
+class IpamAllocation(TypedDict):
+    ip: str
+    containerId: str
+    ifname: str
+
+
+class IpamShow(TypedDict):
+    cidrs: list[str]
+    allocations: list[IpamAllocation]
+
+
+class EndpointRecord(TypedDict):
+    """`endpoints.list` items: the persisted record of one pod interface."""
+
+    containerId: str
+    ifname: str
+    netns: str
+    hostIfname: str
+    ips: list[str]
+    podNamespace: str
+    podName: str
+
+
+# ---- policy --------------------------------------------------------------------------------------
+
+
+class InvalidPolicy(TypedDict):
+    policy: str  # namespace/name
+    reasons: list[str]
+    failClosed: list[str]  # the directions it fails closed for (Ingress, Egress)
+
+
+class PolicyReport(TypedDict):
+    enabled: bool
+    node: str
+    ready: bool
+    writer: str
+    backend: str
+    invalidPolicies: list[InvalidPolicy]
+    rules: int
+    chains: int
+    ipsets: int
+    members: int
+    endpoints: int
+    lastApplyTime: float | None  # unix time of the last successful apply
+    lastApplySeconds: float | None
+    lastError: str
+    failures: int  # consecutive failed applies (retried with backoff)
+    warnings: list[str]
+
+
+class Verdict(TypedDict):
+    direction: str  # Ingress | Egress
+    pod: str | None
+    allowed: bool
+    reason: str
+    policy: str | None
+    ruleIndex: int | None
+
+
+class PolicyExplain(TypedDict):
+    allowed: bool
+    src: str
+    dst: str
+    port: int
+    protocol: str
+    egress: Verdict
+    ingress: Verdict
+    notes: list[str]
+
+
+class PolicyShow(TypedDict):
+    ingress: list[str]
+    egress: list[str]
+
+
+# ---- BGP -----------------------------------------------------------------------------------------
+
+
+class BgpPeerStatus(TypedDict):
+    address: str
+    name: str
+    asNumber: int
+    state: str  # idle | connected | established | down
+    since: float  # unix time of the last state change
+    received: int
+    accepted: int
+    advertised: int
+    eorReceived: bool
+    eorSent: bool
+    gracefulRestartTime: int
+    maxPrefixes: int | None
+    maxPrefixExceeded: int
+    md5: bool
+    lastError: str
+
+
+class BgpStatus(TypedDict):
+    enabled: bool
+    node: str
+    ready: bool
+    reason: str
+    asNumber: int | None
+    routerID: str | None
+    podCIDRs: list[str]
+    communities: list[str]
+    exabgpPid: int | None
+    exabgpRestarts: int
+    synced: bool  # every peer sent End-of-RIB (or the startup hold ended)
+    errors: list[str]  # BGPPeer/BGPConfiguration objects that do not validate for this node
+    updateError: str  # the last failed update ("" after a success)
+    peers: list[BgpPeerStatus]
+    routesInstalled: int
+    routeConflicts: list[str]
+    routeErrors: dict[str, str]
+
+
+class BgpRoute(TypedDict, total=False):
+    """`bgp.received` and `bgp.advertised` items."""
+
+    peer: str
+    prefix: str
+    nextHop: str
+    asPath: list[int]
+    communities: list[str]
+    origin: str
+    med: int | None
+    localPref: int | None
+    since: float  # received: when it arrived
+    stale: bool  # received: kept through a graceful restart
+    accepted: bool  # received: passed the filters
+    rejected: str  # received: why not
+    sent: float  # advertised: when ExaBGP reported it sent
+
+
+# ---- the agent -----------------------------------------------------------------------------------
+
+
+class AgentStatus(TypedDict):
+    node: str
+    ready: bool
+    reasons: list[str]
+    live: bool  # what /healthz says
+    liveReasons: list[str]
+    uptimeSeconds: float
+    podCIDRs: list[str]
+    endpoints: int
+    datastore: DatastoreStatus
+    cni: CniStatus
+    policy: PolicyReport
+    bgp: BgpStatus
+    tasks: list[TaskStatus]
