@@ -1,14 +1,13 @@
-"""CNI ADD+DEL latency: routed-cni (thin plugin + agent) against the reference ptp + host-local plugins.
+"""CNI ADD+DEL latency: routed-cni (the static shim + the agent) against the reference ptp + host-local plugins.
 
 Both run interleaved in one run, each against its own pod namespace, from inside a node namespace
 (`rtd-cnib-<id>-host`, with an uplink namespace giving it a default route). The plugins are executed exactly as a
 runtime does (env + stdin, fresh process per call); the bench process enters the node namespace itself so neither
 side pays for `ip netns exec`.
 
-    .venv/bin/python bench/cni_latency.py [--cycles 200] [--plugin launcher|console] [--agent routed|harness]
+    .venv/bin/python bench/cni_latency.py [--cycles 200] [--agent routed|harness]
 
-`launcher` (default) is routed-cni as installed for a runtime (`python -m cni.launcher DEST`: python -IS);
-`console` is the pip console script in the venv (pays for site and the editable-install hooks).
+routed-cni is the static executable scripts/bootstrap builds from cni/shim/routed-cni.c (.venv/bin/routed-cni).
 `routed` (default) serves the calls with the real `routed agent` (policy and BGP off: CNI latency only);
 `harness` with tests/netns/cni_harness.py (the CNI service alone).
 """
@@ -30,7 +29,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cni.launcher import write_launcher  # noqa: E402
 from cni.netnsfd import CLONE_NEWNET, _libc  # noqa: E402
 from routed import netns  # noqa: E402
 
@@ -79,7 +77,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--plugin", choices=["launcher", "console"], default="launcher")
     parser.add_argument("--agent", choices=["routed", "harness"], default="routed")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -137,8 +134,7 @@ def main() -> int:
         times: dict[str, dict[str, list[float]]] = {
             k: {"add": [], "del": [], "cycle": []} for k in ("routed-cni", "ptp+host-local")
         }
-        ours_exe = ROUTED_CNI if args.plugin == "console" else write_launcher(os.path.join(tmp, "bin", "routed-cni"))
-        sides = [("routed-cni", ours_exe, ours_conf, pod_ours), ("ptp+host-local", f"{REF}/ptp", ref_conf, pod_ref)]
+        sides = [("routed-cni", ROUTED_CNI, ours_conf, pod_ours), ("ptp+host-local", f"{REF}/ptp", ref_conf, pod_ref)]
         for i in range(args.cycles + 5):  # 5 warm-up cycles, not counted
             order = sides if i % 2 == 0 else list(reversed(sides))
             for name, exe, conf, pod in order:
@@ -149,22 +145,22 @@ def main() -> int:
                     times[name]["add"].append(t_add)
                     times[name]["del"].append(t_del)
                     times[name]["cycle"].append(t_add + t_del)
-        print(f"{args.cycles} ADD+DEL cycles each, interleaved; routed-cni via {args.plugin}, agent {args.agent} (ms)")
+        print(f"{args.cycles} ADD+DEL cycles each, interleaved; static routed-cni, agent {args.agent} (ms)")
         print(f"{'':16} {'ADD p50':>8} {'ADD p95':>8} {'DEL p50':>8} {'DEL p95':>8} {'cyc p50':>8} {'cyc p95':>8}")
         for name, t in times.items():
             row = [pct(t[k], q) * 1000 for k in ("add", "del", "cycle") for q in (0.5, 0.95)]
             print(f"{name:16} " + " ".join(f"{v:8.1f}" for v in row))
         agent_ms: dict[str, list[float]] = {"ADD": [], "DEL": []}
         try:
-            for line in Path(tmp, "cni.log").read_text().splitlines():
-                parts = line.split()  # "... ADD ok via <socket> in 3.2 ms: [...]" / "... DEL ok via <socket> in 1.1 ms"
-                if "ok" in parts and "in" in parts and parts[parts.index("ok") - 1] in agent_ms:
-                    agent_ms[parts[parts.index("ok") - 1]].append(float(parts[parts.index("in") + 1]))
+            for line in Path(tmp, "agent.log").read_text().splitlines():
+                parts = line.split()  # "... cni.exec: CNI ADD <container>/<ifname> pod ns/name ok in 3.2 ms"
+                if "CNI" in parts and "ok" in parts and parts[parts.index("CNI") + 1] in agent_ms:
+                    agent_ms[parts[parts.index("CNI") + 1]].append(float(parts[parts.index("ok") + 2]))
         except (OSError, ValueError, IndexError):
             pass
         if agent_ms["ADD"] and agent_ms["DEL"]:
-            print(f"routed-cni: agent round trip seen by the plugin p50 ADD {statistics.median(agent_ms['ADD']):.1f}"
-                  f" DEL {statistics.median(agent_ms['DEL']):.1f} (the rest is process start-up)")
+            print(f"routed-cni: time in the agent p50 ADD {statistics.median(agent_ms['ADD']):.1f}"
+                  f" DEL {statistics.median(agent_ms['DEL']):.1f} (the rest is the shim's process and the socket)")
         ours, ref = times["routed-cni"], times["ptp+host-local"]
         for k in ("add", "del", "cycle"):
             print(f"ratio ours/reference {k:5} p50 {statistics.median(ours[k]) / statistics.median(ref[k]):.2f}"

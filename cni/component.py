@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 from cni import wiring
+from cni.exec import CniAnswer, answer, decode_params, run_invocation
+from cni.request import CniRequest
 from cni.server import CniService, EndpointHooks
 from cni.store import endpoint_to_dict
 from routed import metrics
@@ -98,22 +100,23 @@ class CniComponent:
     def api_methods(self) -> dict[str, ApiHandler]:
         return {"cni": self._api_cni, "ipam.show": self._api_ipam, "endpoints.list": self._api_endpoints}
 
-    async def _api_cni(self, params: dict[str, Any]) -> Any:
-        command = str(params.get("command", "")).upper()
-        if not self.serving:
-            if command == "STATUS":
+    async def _api_cni(self, params: dict[str, Any]) -> CniAnswer:
+        """One invocation forwarded by the routed-cni shim (cni/exec.py has the protocol)."""
+        environ, stdin = decode_params(params)
+        command = environ.get("CNI_COMMAND", "").upper()
+        started = time.perf_counter()
+        code, stdout = await run_invocation(self._serve, environ, stdin)
+        metrics.CNI_REQUESTS.labels(command, "ok" if code == 0 else "error").inc()
+        metrics.CNI_SECONDS.labels(command).observe(time.perf_counter() - started)
+        metrics.ENDPOINTS.set(len(self.service.endpoints()))
+        return answer(code, stdout)
+
+    async def _serve(self, req: CniRequest) -> Any:
+        if not self.serving and req.command != "VERSION":
+            if req.command == "STATUS":
                 raise NotAvailable(NOT_SERVING)
             raise TryAgainLater(NOT_SERVING, "try again later")
-        started = time.perf_counter()
-        result = "error"
-        try:
-            response = await self.service.handle(params)
-            result = "ok"
-            return response
-        finally:
-            metrics.CNI_REQUESTS.labels(command, result).inc()
-            metrics.CNI_SECONDS.labels(command).observe(time.perf_counter() - started)
-            metrics.ENDPOINTS.set(len(self.service.endpoints()))
+        return await self.service.handle(req)
 
     async def _api_ipam(self, params: dict[str, Any]) -> IpamShow:
         return self.service.ipam_show()

@@ -1,18 +1,15 @@
-"""Parsing and validation of a CNI invocation (environment + netconf). Stdlib only.
+"""Parsing and validation of a CNI invocation (environment + netconf), in the agent (cni/exec.py).
 
-Used by the thin plugin (to fail fast, without the agent) and again by the agent-side handler
-(the socket is a trust boundary too). Every problem is a CniError with the spec's code.
+Every problem is a RoutedError with the CNI spec's code; the shim forwards the invocation untouched.
 """
 
 from __future__ import annotations
 
-from cni import fastjson
-from routed.errors import Code, RoutedError
+import json
+from collections.abc import Mapping
+from typing import Any
 
-TYPE_CHECKING = False  # typing is not imported at run time: it costs the thin plugin ~3 ms per call
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from typing import Any
+from routed.errors import Code, RoutedError
 
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = "1.1.0"
@@ -35,7 +32,7 @@ VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 
 
 class CniRequest:
-    """One CNI call (a plain class: dataclasses costs import time in the thin plugin)."""
+    """One CNI call."""
 
     __slots__ = ("command", "container_id", "netns", "ifname", "args", "path", "config")
 
@@ -68,18 +65,6 @@ class CniRequest:
     @property
     def pod_name(self) -> str:
         return self.args.get("K8S_POD_NAME", "")
-
-    def to_params(self) -> dict[str, Any]:
-        """The local API's `cni` params (CNI_ARGS is passed as the raw parsed mapping)."""
-        return {
-            "command": self.command,
-            "containerId": self.container_id,
-            "netns": self.netns,
-            "ifname": self.ifname,
-            "args": self.args,
-            "path": self.path,
-            "config": self.config,
-        }
 
 
 def parse_cni_args(raw: str) -> dict[str, str]:
@@ -145,7 +130,7 @@ def parse_env(environ: Mapping[str, str]) -> CniRequest:
 
 def decode_netconf(raw: bytes | str) -> dict[str, Any]:
     try:
-        conf = fastjson.loads(raw)
+        conf = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RoutedError("failed to decode the network configuration on stdin", str(exc), code=Code.DECODE_FAILURE) from None
     if not isinstance(conf, dict):
@@ -196,30 +181,3 @@ def validate_netconf(command: str, conf: Mapping[str, Any]) -> None:
             for a in attachments
         ):
             raise RoutedError(f"{VALID_ATTACHMENTS_KEY!r} must be a list of {{containerID, ifname}} objects", code=Code.INVALID_CONFIG)
-
-
-def request_from_params(params: Mapping[str, Any]) -> CniRequest:
-    """Agent side: rebuild and re-validate a request received over the local API."""
-    command = check_command(str(params.get("command") or ""))
-    config = params.get("config")
-    if not isinstance(config, dict):
-        raise RoutedError("params.config must be the network configuration object", code=Code.INVALID_CONFIG)
-    raw_args = params.get("args") or {}
-    if isinstance(raw_args, str):
-        args = parse_cni_args(raw_args)
-    elif isinstance(raw_args, dict):
-        args = {str(k): str(v) for k, v in raw_args.items()}
-    else:
-        raise RoutedError("CNI_ARGS must be a string or a mapping", code=Code.INVALID_ENV)
-    environ = {
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": str(params.get("containerId") or ""),
-        "CNI_NETNS": str(params.get("netns") or ""),
-        "CNI_IFNAME": str(params.get("ifname") or ""),
-        "CNI_PATH": str(params.get("path") or ""),
-    }
-    req = parse_env(environ)
-    req.args = args
-    validate_netconf(command, config)
-    req.config = dict(config)
-    return req

@@ -13,7 +13,8 @@ from routed.errors import Code, RoutedOSError
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_SETNEIGHTBL = 67
 RTM_NEWADDR = 20
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
@@ -21,6 +22,10 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_AF_SPEC, IFLA_INET_CONF = 26, 1
+IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP = 1, 3  # indexes of /proc/sys/net/ipv4/conf/<if>/* (1-based)
+NDTA_NAME, NDTA_PARMS = 1, 6
+NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 13
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 RT_TABLE_MAIN = 254
@@ -33,6 +38,7 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTATTR = struct.Struct("=HH")
+_NDTMSG = struct.Struct("=BxH")
 
 
 class RtnlError(RoutedOSError):
@@ -137,6 +143,19 @@ class Rtnl:
 
     def del_link(self, index: int) -> None:
         self.request(RTM_DELLINK, 0, _ifinfo(index))
+
+    # -- per-interface settings (what /proc/sys/net/... holds, set over netlink: /proc/sys may be read-only) ----
+    def set_ipv4_conf(self, index: int, values: dict[int, int]) -> None:
+        """net.ipv4.conf.<if>.* by devconf index (IPV4_DEVCONF_*): IFLA_AF_SPEC / AF_INET / IFLA_INET_CONF."""
+        conf = b"".join(_attr(key, struct.pack("=I", value)) for key, value in values.items())
+        spec = _attr(socket.AF_INET, _attr(IFLA_INET_CONF, conf))
+        self.request(RTM_SETLINK, 0, _ifinfo(index) + _attr(IFLA_AF_SPEC, spec))
+
+    def set_arp_proxy_delay(self, index: int, msecs: int) -> None:
+        """net.ipv4.neigh.<if>.proxy_delay: the arp_cache table's per-interface parameters (RTM_SETNEIGHTBL)."""
+        parms = _attr(NDTPA_IFINDEX, struct.pack("=I", index)) + _attr(NDTPA_PROXY_DELAY, struct.pack("=Q", msecs))
+        body = _NDTMSG.pack(socket.AF_INET, 0) + _attr(NDTA_NAME, b"arp_cache\0") + _attr(NDTA_PARMS, parms)
+        self.request(RTM_SETNEIGHTBL, 0, body)
 
     # -- addresses and routes --------------------------------------------------------------------
     def add_addr(self, index: int, ip: str, prefixlen: int) -> None:

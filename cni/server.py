@@ -1,4 +1,4 @@
-"""Agent-side CNI handler (local API method "cni"): IPAM, wiring, endpoint store and hooks.
+"""Agent-side CNI service: IPAM, wiring, endpoint store and hooks, for requests cni/exec.py has validated.
 
 Runs inside the node's network namespace: host-side wiring happens in the current netns, pod-side wiring in the
 CNI_NETNS path. Blocking netlink and file work runs in a dedicated thread pool; calls for the same attachment are
@@ -22,7 +22,7 @@ from cni import wiring
 from cni.ipam import Ipam, IpamError
 from cni.names import attachment_key, host_veth_name
 from cni.netnsfd import NetnsGone
-from cni.request import SUPPORTED_VERSIONS, VALID_ATTACHMENTS_KEY, CniRequest, request_from_params
+from cni.request import SUPPORTED_VERSIONS, VALID_ATTACHMENTS_KEY, CniRequest
 from cni.result import build_add_result, version_result
 from cni.store import EndpointStore
 from routed.api_types import IpamShow
@@ -118,6 +118,8 @@ class CniService:
             return False, "CNI service not started"
         if not self._wired_cidrs():
             return False, f"node {self.node_name} has no (IPv4) pod CIDR yet"
+        if not wiring.ipv4_forwarding():
+            return False, "IPv4 forwarding is off on this node (net.ipv4.ip_forward=0): pods could not reach off the node"
         try:
             self.ipam.check_usable()
         except (IpamError, OSError) as exc:
@@ -129,8 +131,8 @@ class CniService:
         return int(mtu) if isinstance(mtu, int) and not isinstance(mtu, bool) else (self.mtu or self._uplink_mtu)
 
     # -- API -----------------------------------------------------------------------------------------
-    async def handle(self, params: dict[str, Any]) -> Any:
-        req = request_from_params(params)
+    async def handle(self, req: CniRequest) -> Any:
+        """Serve one validated CNI request (cni/exec.py parsed it); the result dict, or None for no output."""
         if req.command == "VERSION":
             return version_result(req.cni_version, SUPPORTED_VERSIONS)
         if req.command == "STATUS":

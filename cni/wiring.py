@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from cni.names import is_host_veth_name
 from cni.netnsfd import NetnsGone, netlink_socket_in, open_netns
 from cni.result import POD_GATEWAY_V4, Interface
-from cni.rtnl import Rtnl, RtnlError
+from cni.rtnl import IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP, Rtnl, RtnlError
 from routed.constants import ROUTE_PROTO_LOCAL
 from routed.errors import Code, RoutedError
 
@@ -88,11 +88,6 @@ def pod_handle(netns_path: str) -> Iterator[IPRoute]:
         sock.close()
 
 
-def _sysctl(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
 def _link_index(ipr: IPRoute, name: str) -> int | None:
     found = ipr.link_lookup(ifname=name)
     return found[0] if found else None
@@ -154,15 +149,38 @@ def local_pod_routes() -> list[tuple[str, int]]:
     return out
 
 
-HOST_SYSCTLS_V4 = (("ipv4/conf", "proxy_arp", "1"), ("ipv4/conf", "forwarding", "1"), ("ipv4/neigh", "proxy_delay", "0"))
+# What the host side of a pod veth needs, as /proc/sys shows it (read there; written over netlink, so the agent's
+# container can keep /proc/sys read-only): proxy ARP answers the pod's ARP for 169.254.1.1, with no delay (the
+# default holds replies up to 0.8 s), and forwarding from the pod.
+HOST_SETTINGS = (("ipv4/conf/{}/proxy_arp", "1"), ("ipv4/conf/{}/forwarding", "1"), ("ipv4/neigh/{}/proxy_delay", "0"))
 
 
-def _host_sysctls(host_name: str, ips: Sequence[str]) -> list[tuple[str, str]]:
-    wanted = [(f"/proc/sys/net/{tree}/{host_name}/{key}", value) for tree, key, value in HOST_SYSCTLS_V4]
-    if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
-        wanted += [(f"/proc/sys/net/ipv6/conf/{host_name}/proxy_ndp", "1"),
-                   (f"/proc/sys/net/ipv6/conf/{host_name}/forwarding", "1")]
-    return wanted
+def configure_host_side(rtnl: Rtnl, index: int) -> None:
+    rtnl.set_ipv4_conf(index, {IPV4_DEVCONF_FORWARDING: 1, IPV4_DEVCONF_PROXY_ARP: 1})
+    rtnl.set_arp_proxy_delay(index, 0)
+
+
+def ipv4_forwarding() -> bool:
+    """The node forwards IPv4 (net.ipv4.ip_forward; a node prerequisite, as for kube-proxy): replies from the
+    fabric to pods are forwarded by the uplink's setting, which only the node's owner should change."""
+    try:
+        return open("/proc/sys/net/ipv4/ip_forward").read().strip() == "1"
+    except OSError:
+        return True  # cannot tell: do not block on it
+
+
+def host_side_drift(host_name: str) -> list[str]:
+    """The host settings of this veth that differ from HOST_SETTINGS ("key=value" wanted)."""
+    drift = []
+    for key, value in HOST_SETTINGS:
+        path = "/proc/sys/net/" + key.format(host_name)
+        try:
+            current = open(path).read().strip()
+        except OSError:
+            continue
+        if current != value:
+            drift.append(f"{key.format(host_name)}={value}")
+    return drift
 
 
 def repair_host_side(endpoints: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
@@ -181,14 +199,10 @@ def repair_host_side(endpoints: Iterable[tuple[str, Sequence[str]]]) -> list[str
             if (f"{ip}/{_host_len(ip)}", index) not in have:
                 host.route("replace", ip, _host_len(ip), oif=index, scope=RT_SCOPE_LINK, proto=ROUTE_PROTO_LOCAL)
                 repaired.append(f"route {ip}/{_host_len(ip)} dev {host_name}")
-        for path, value in _host_sysctls(host_name, ips):
-            try:
-                current = open(path).read().strip()
-            except OSError:
-                continue
-            if current != value:
-                _sysctl(path, value)
-                repaired.append(f"{path}={value}")
+        drift = host_side_drift(host_name)
+        if drift:
+            configure_host_side(host, index)
+            repaired += drift
     return repaired
 
 
@@ -239,10 +253,7 @@ def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str
         if host_link is None:
             raise WiringError(f"host veth {host_name} vanished right after creation")
         host_idx, host_mac = host_link
-        # proxy_arp + forwarding; proxy_delay=0 answers the pod's ARP for 169.254.1.1 at once (the default
-        # holds replies up to 0.8 s)
-        for path, value in _host_sysctls(host_name, ips):
-            _sysctl(path, value)
+        configure_host_side(host, host_idx)
         with Rtnl(netlink_socket_in(nsfd)) as pod:
             pod_link = pod.get_link(ifname)
             if pod_link is None:

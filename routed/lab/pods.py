@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from routed import netns
+from routed.constants import cni_shim_path
 from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, PodState
 
@@ -27,10 +29,17 @@ class PodError(LabError):
 
 
 def install_plugin(paths: LabPaths) -> str:
-    """Install `routed-cni` for the lab's nodes as a deployment does (the launcher, not pip's console script)."""
-    from cni.launcher import write_launcher
-
-    return write_launcher(str(paths.cni_bin_dir / "routed-cni"))
+    """Install the static `routed-cni` for the lab's nodes as install-cni does (copy, then rename into place)."""
+    source = cni_shim_path()
+    if not os.path.exists(source):
+        raise PodError(f"{source} does not exist: run scripts/bootstrap (it builds cni/shim/routed-cni.c)")
+    dest = paths.cni_bin_dir / "routed-cni"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(".routed-cni.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, dest)
+    return str(dest)
 
 
 def cni_path(paths: LabPaths) -> str:

@@ -47,7 +47,7 @@ class LabPaths:
 
     @property
     def cni_bin_dir(self) -> Path:
-        """Where the lab installs `routed-cni` (the fast launcher), as a node's /opt/cni/bin."""
+        """Where the lab installs the static `routed-cni`, as a node's /opt/cni/bin."""
         return self.root / "cni-bin"
 
     @property

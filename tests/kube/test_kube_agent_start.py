@@ -43,6 +43,7 @@ def control_plane() -> Iterator[dict[str, str]]:
         netns.ns_run(cp, ["ip", "addr", "add", f"{CP_ADDR}/30", "dev", "n1"])
         netns.ns_run(node, ["ip", "addr", "add", f"{NODE_ADDR}/30", "dev", "cp"])
         netns.ns_run(node, ["ip", "route", "add", "default", "via", CP_ADDR])
+        netns.sysctl(node, "net.ipv4.ip_forward", "1")
         start = subprocess.run(netns.ns_cmd(cp, ["env", f"KUBE_TESTENV_BIND={CP_ADDR}",
                                                  f"KUBE_TESTENV_API_PORT={API_PORT}", "bash", str(SCRIPT), "start",
                                                  "--dir", str(kube_dir)]),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from cni.exec import answer, decode_params, run_invocation
 from cni.server import CniService
 from cni.store import endpoint_to_dict
 from routed.api import ApiServer
@@ -49,7 +50,11 @@ async def serve(args: argparse.Namespace) -> None:
     hooks = TestHooks(args.fail_pod or [], args.hook_record) if (args.fail_pod or args.hook_record) else None
     service = CniService("harness", args.state_dir, lambda: cidrs, mtu=args.mtu, hooks=hooks)
     api = ApiServer(args.socket)
-    api.register("cni", service.handle)
+    async def cni(params: dict) -> dict:
+        environ, stdin = decode_params(params)
+        return answer(*await run_invocation(service.handle, environ, stdin))
+
+    api.register("cni", cni)
 
     async def ipam_show(_: dict) -> dict:
         return service.ipam_show()

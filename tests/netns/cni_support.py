@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cni.exec import encode_params
 from routed import api, netns
 from routed.errors import RoutedError
 from tests.agent_process import stop_process
@@ -148,12 +149,11 @@ class NodeEnv:
             if not os.path.exists(self.socket):
                 return False
             try:  # the real agent answers STATUS with 50 until its first datastore sync and CNI start
-                api.call(self.socket, "cni", {"command": "STATUS", "config": {"cniVersion": "1.1.0", "name": "x"}})
-            except RoutedError:
+                status = api.call(self.socket, "cni", encode_params(
+                    {"CNI_COMMAND": "STATUS"}, '{"cniVersion": "1.1.0", "name": "x"}'))
+            except (RoutedError, OSError):
                 return False
-            except OSError:
-                return False
-            return True
+            return status["exitCode"] == 0
 
         run_and_expect(up, bool, timeout, interval=0.05).check("the agent to serve CNI")
 

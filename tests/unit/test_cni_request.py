@@ -9,7 +9,6 @@ from cni.request import (
     decode_netconf,
     parse_cni_args,
     parse_env,
-    request_from_params,
     validate_netconf,
     version_for_errors,
 )
@@ -153,18 +152,6 @@ def test_gc_valid_attachments_shape() -> None:
     with pytest.raises(RoutedError) as info:
         validate_netconf("GC", conf("1.1.0", **{"cni.dev/valid-attachments": [{"containerID": "a"}]}))
     assert info.value.code == Code.INVALID_CONFIG
-
-
-def test_request_from_params_revalidates() -> None:
-    req = request_from_params(
-        {"command": "ADD", "containerId": "c1", "netns": "/x", "ifname": "eth0", "args": "K8S_POD_NAME=p", "config": conf()}
-    )
-    assert req.pod_name == "p" and req.cni_version == "1.0.0"
-    with pytest.raises(RoutedError) as info:
-        request_from_params({"command": "ADD", "containerId": "c1", "ifname": "eth0", "config": conf()})
-    assert info.value.code == Code.INVALID_ENV
-    with pytest.raises(RoutedError):
-        request_from_params({"command": "ADD", "containerId": "c1", "netns": "/x", "ifname": "eth0", "config": "x"})
 
 
 HOST = Interface("rtd0123456789a", "aa:aa:aa:aa:aa:aa", 1450)
