@@ -20,7 +20,7 @@ from cni.store import endpoint_to_dict
 from routed import metrics
 from routed.api_types import CniStatus, EndpointRecord, IpamShow
 from routed.backoff import Backoff
-from routed.cache import ClusterCache
+from routed.cache import CacheChange, ClusterCache
 from routed.component import ApiHandler
 from routed.errors import NotAvailable, TryAgainLater
 from routed.reconcile import Reconciler
@@ -66,8 +66,8 @@ class CniComponent:
         await self.supervisor.stop_task("cni-repair")
         await self.service.stop()
 
-    async def _on_cache_change(self, kinds: frozenset[str]) -> None:
-        if "Node" in kinds and tuple(self.pod_cidrs()) != self._pod_cidrs:
+    async def _on_cache_change(self, change: CacheChange) -> None:
+        if "Node" in change.kinds and tuple(self.pod_cidrs()) != self._pod_cidrs:
             self._pod_cidrs = tuple(self.pod_cidrs())
             self.repair.mark_dirty()
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from policy import names
 from policy.model import EGRESS, INGRESS, IpBlock, Peer, Policy, PortSpec, Rule, parse_policy
+from policy.selectors import Selector
 from routed.api_types import InvalidPolicy
 from routed.model import Endpoint, Namespace, Pod
 
@@ -131,17 +132,175 @@ def _v4(ips: Iterable[str]) -> tuple[str, ...]:
     return tuple(ip for ip in ips if ip.count(".") == 3 and ":" not in ip)
 
 
+@dataclass(frozen=True)
+class SetDef:
+    """What one ipset holds, independent of the cluster's state: name, kind and what makes a member.
+
+    Selector sets (hash:ip) hold the IPs of the pods a peer selects: pods in `namespace` (a peer without
+    namespaceSelector: the policy's own) or in namespaces matching `namespace_selector`, matching `pod_selector`
+    (None: every pod). Named-port sets (hash:ip,port) hold `ip,proto:port` of every pod declaring the port name.
+    ipBlock sets (hash:net) hold `static_members`.
+    """
+
+    name: str
+    kind: str
+    identity: str
+    namespace: str | None = None
+    namespace_selector: Selector | None = None
+    pod_selector: Selector | None = None
+    named_port: tuple[str, str] | None = None  # (protocol, port name)
+    static_members: frozenset[str] = frozenset()
+
+
+def selector_set(policy_ns: str, peer: Peer) -> SetDef:
+    ns_part = peer.namespace_selector.canonical() if peer.namespace_selector is not None else f"ns={policy_ns}"
+    pod_part = peer.pod_selector.canonical() if peer.pod_selector is not None else "all()"
+    identity = f"sel|{ns_part}|{pod_part}"
+    return SetDef(names.ipset_name("s", identity), "hash:ip", identity,
+                  namespace=policy_ns if peer.namespace_selector is None else None,
+                  namespace_selector=peer.namespace_selector, pod_selector=peer.pod_selector)
+
+
+def ip_block_set(block: IpBlock) -> SetDef | None:
+    if block.version != 4:
+        return None  # the IPv4 dataplane: an IPv6 block matches nothing here
+    identity = f"net|{block.canonical()}"
+    members: set[str] = set()
+    if block.cidr not in block.excepts:
+        net = ipaddress.ip_network(block.cidr)
+        # hash:net cannot hold /0: split it into two /1 halves.
+        parts = list(net.subnets(1)) if net.prefixlen == 0 else [net]
+        members.update(str(p) for p in parts)
+        members.update(f"{e} nomatch" for e in block.excepts if ipaddress.ip_network(e).prefixlen > 0)
+    return SetDef(names.ipset_name("n", identity), "hash:net", identity, static_members=frozenset(members))
+
+
+def named_port_set(protocol: str, port_name: str) -> SetDef:
+    identity = f"port|{protocol}|{port_name}"
+    return SetDef(names.ipset_name("p", identity), "hash:ip,port", identity, named_port=(protocol, port_name))
+
+
+def contributes(pod: Pod) -> bool:
+    """Only pods with their own network and an IPv4 address are ever set members."""
+    return not pod.host_network and bool(_v4(pod.ips))
+
+
+def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str, ...]:
+    """What `pod` puts into set `d` (nothing when it is not a member); ns_labels: its namespace's labels."""
+    if not contributes(pod):
+        return ()
+    if d.named_port is not None:
+        protocol, port_name = d.named_port
+        return tuple(f"{ip},{protocol.lower()}:{cp.port}" for cp in pod.ports
+                     if cp.name == port_name and cp.protocol == protocol for ip in _v4(pod.ips))
+    if d.kind != "hash:ip":
+        return ()
+    if d.namespace is not None:
+        if pod.namespace != d.namespace:
+            return ()
+    elif d.namespace_selector is None or not d.namespace_selector.matches(ns_labels):
+        return ()
+    if d.pod_selector is not None and not d.pod_selector.matches(pod.labels):
+        return ()
+    return _v4(pod.ips)
+
+
+def local_pod_ips(endpoints: Iterable[Endpoint]) -> dict[str, tuple[str, ...]]:
+    """pod key -> the IPv4 addresses of its local endpoint (the one with the greatest host interface name that has
+    any): what a pod whose object shows no address yet is known by."""
+    out: dict[str, tuple[str, ...]] = {}
+    for ep in sorted(endpoints, key=lambda e: e.host_ifname):
+        if _v4(ep.ips):
+            out[ep.pod_key] = _v4(ep.ips)
+    return out
+
+
+def default_namespace_labels(name: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name}
+
+
+def namespace_labels_of(ns: Namespace) -> dict[str, str]:
+    labels = dict(ns.labels)
+    labels.setdefault("kubernetes.io/metadata.name", ns.name)
+    return labels
+
+
+def _port_matches(port: PortSpec, define: Callable[[SetDef], str]) -> dict[str, Any]:
+    if port.name is not None:
+        return {"protocol": port.protocol, "named_port_set": define(named_port_set(port.protocol, port.name))}
+    return {"protocol": port.protocol, "port": port.port, "end_port": port.end_port}
+
+
+def _rule_matches(policy: Policy, index: int, rule: Rule, define: Callable[[SetDef], str]) -> list[RuleMatch]:
+    peer_opts: list[dict[str, Any]] = [{}]
+    if rule.peers is not None:
+        peer_opts = []
+        for peer in rule.peers:
+            d = ip_block_set(peer.ip_block) if peer.ip_block is not None else selector_set(policy.namespace, peer)
+            if d is not None:
+                peer_opts.append({"peer_set": define(d)})
+    port_opts: list[dict[str, Any]] = [{}]
+    if rule.ports is not None:
+        port_opts = [_port_matches(p, define) for p in rule.ports]
+    return [RuleMatch(rule_index=index, **peer, **port) for peer in peer_opts for port in port_opts]
+
+
+def plan_policy(policy: Policy, direction: str, define: Callable[[SetDef], str]) -> PolicyPlan:
+    """The chain of one policy direction; `define` is told every set it references and returns its name."""
+    matches: list[RuleMatch] = []
+    for i, rule in enumerate(policy.rules(direction)):
+        matches.extend(_rule_matches(policy, i, rule, define))
+    chain = names.policy_chain(policy.key, direction)
+    return PolicyPlan(policy.key, direction, chain, tuple(dict.fromkeys(matches)))
+
+
+def plan_sets(plan: PolicyPlan) -> set[str]:
+    return {s for rm in plan.rules for s in (rm.peer_set, rm.named_port_set) if s}
+
+
+def host_set(node_ips: Iterable[str]) -> IpSetSpec:
+    return IpSetSpec(names.IPSET_HOST, "hash:ip", frozenset(_v4(node_ips)), "node addresses")
+
+
+def policy_selects(policy: Policy, pod: Pod, direction: str) -> bool:
+    if pod.host_network or direction not in policy.types or pod.namespace != policy.namespace:
+        return False
+    return policy.whole_namespace or policy.pod_selector.matches(pod.labels)
+
+
+def endpoint_plan(ep: Endpoint, pod: Pod | None, policies: Iterable[Policy],
+                  plan_chain: Callable[[Policy, str], str]) -> EndpointPlan:
+    """`policies`: those that may select the pod (its namespace's), in evaluation order."""
+    chains: dict[str, tuple[str, ...] | None] = {}
+    candidates = list(policies)
+    for direction in DIRECTIONS:
+        if pod is None:
+            chains[direction] = ()
+            continue
+        selected = [p for p in candidates if policy_selects(p, pod, direction)]
+        chains[direction] = tuple(plan_chain(p, direction) for p in selected) if selected else None
+    return EndpointPlan(host_ifname=ep.host_ifname, pod_key=ep.pod_key, ips=_v4(ep.ips),
+                        from_chain=names.endpoint_chain(ep.host_ifname, "from"),
+                        to_chain=names.endpoint_chain(ep.host_ifname, "to"),
+                        ingress=chains[INGRESS], egress=chains[EGRESS], unknown_pod=pod is None)
+
+
+def unknown_pod_warning(plan: EndpointPlan) -> str:
+    return f"endpoint {plan.host_ifname}: pod {plan.pod_key} unknown, failing closed"
+
+
+def problems_of(policies: Iterable[Policy]) -> list[PolicyProblem]:
+    return [PolicyProblem(p.key, p.problems, tuple(d for d in DIRECTIONS if d in p.types))
+            for p in policies if not p.valid]
+
+
 class Calculator:
     """Index of one PolicyInputs snapshot; memoises ipsets and policy plans."""
 
     def __init__(self, inputs: PolicyInputs) -> None:
         self.inputs = inputs
-        self.ns_labels: dict[str, dict[str, str]] = {}
-        for ns in inputs.namespaces:
-            labels = dict(ns.labels)
-            labels.setdefault("kubernetes.io/metadata.name", ns.name)
-            self.ns_labels[ns.name] = labels
-        local_ips = {ep.pod_key: _v4(ep.ips) for ep in inputs.endpoints}
+        self.ns_labels: dict[str, dict[str, str]] = {ns.name: namespace_labels_of(ns) for ns in inputs.namespaces}
+        local_ips = local_pod_ips(inputs.endpoints)
         self.pods: dict[str, Pod] = {}
         for pod in inputs.pods:
             if not pod.ips and local_ips.get(pod.key):
@@ -171,160 +330,63 @@ class Calculator:
 
     # -- selection ----------------------------------------------------------------------------------
     def namespace_labels(self, name: str) -> dict[str, str]:
-        return self.ns_labels.get(name, {"kubernetes.io/metadata.name": name})
-
-    def policy_selects(self, policy: Policy, pod: Pod, direction: str) -> bool:
-        if pod.host_network or direction not in policy.types or pod.namespace != policy.namespace:
-            return False
-        return policy.whole_namespace or policy.pod_selector.matches(pod.labels)
+        return self.ns_labels.get(name) or default_namespace_labels(name)
 
     def selecting(self, pod: Pod, direction: str) -> list[Policy]:
-        return [p for p in self.policies if self.policy_selects(p, pod, direction)]
+        return [p for p in self.policies if policy_selects(p, pod, direction)]
 
-    def peer_pods(self, policy_ns: str, peer: Peer) -> list[Pod]:
-        if peer.namespace_selector is None:
-            namespaces = {policy_ns}
+    def _candidates(self, d: SetDef) -> Iterable[Pod]:
+        """The pods that may be members of `d` (narrowed by namespace and an `In` requirement)."""
+        if d.named_port is not None:
+            return self.pods.values()
+        if d.namespace is not None:
+            namespaces = {d.namespace}
         else:
-            sel = peer.namespace_selector
-            namespaces = {ns for ns in self.pods_by_ns if sel.matches(self.namespace_labels(ns))}
-        pod_sel = peer.pod_selector
-        first_in = next((r for r in pod_sel.requirements if r.operator == "In"), None) if pod_sel else None
+            sel = d.namespace_selector
+            namespaces = {ns for ns in self.pods_by_ns if sel is not None and sel.matches(self.namespace_labels(ns))}
+        first_in = next((r for r in d.pod_selector.requirements if r.operator == "In"), None) if d.pod_selector else None
         if first_in is not None:
-            candidates: Iterable[Pod] = [
-                pod for v in first_in.values for pod in self.by_label.get((first_in.key, v), ())
-                if pod.namespace in namespaces
-            ]
-        else:
-            candidates = [pod for ns in sorted(namespaces) for pod in self.pods_by_ns.get(ns, ())]
-        return [pod for pod in candidates if pod_sel is None or pod_sel.matches(pod.labels)]
+            return [pod for v in first_in.values for pod in self.by_label.get((first_in.key, v), ())
+                    if pod.namespace in namespaces]
+        return [pod for ns in sorted(namespaces) for pod in self.pods_by_ns.get(ns, ())]
 
-    # -- ipsets ---------------------------------------------------------------------------------------
-    def _add_set(self, spec: IpSetSpec) -> str:
-        self.sets.setdefault(spec.name, spec)
-        return spec.name
-
-    def peer_set(self, policy_ns: str, peer: Peer) -> str | None:
-        if peer.ip_block is not None:
-            return self.ip_block_set(peer.ip_block)
-        ns_part = peer.namespace_selector.canonical() if peer.namespace_selector is not None else f"ns={policy_ns}"
-        pod_part = peer.pod_selector.canonical() if peer.pod_selector is not None else "all()"
-        identity = f"sel|{ns_part}|{pod_part}"
-        name = names.ipset_name("s", identity)
-        if name not in self.sets:
-            members = frozenset(ip for pod in self.peer_pods(policy_ns, peer) for ip in _v4(pod.ips))
-            self._add_set(IpSetSpec(name, "hash:ip", members, identity))
-        return name
-
-    def ip_block_set(self, block: IpBlock) -> str | None:
-        if block.version != 4:
-            return None  # the IPv4 dataplane: an IPv6 block matches nothing here
-        identity = f"net|{block.canonical()}"
-        name = names.ipset_name("n", identity)
-        if name not in self.sets:
-            members: set[str] = set()
-            if block.cidr not in block.excepts:
-                net = ipaddress.ip_network(block.cidr)
-                # hash:net cannot hold /0: split it into two /1 halves.
-                parts = list(net.subnets(1)) if net.prefixlen == 0 else [net]
-                members.update(str(p) for p in parts)
-                members.update(f"{e} nomatch" for e in block.excepts if ipaddress.ip_network(e).prefixlen > 0)
-            self._add_set(IpSetSpec(name, "hash:net", frozenset(members), identity))
-        return name
-
-    def named_port_set(self, protocol: str, port_name: str) -> str:
-        identity = f"port|{protocol}|{port_name}"
-        name = names.ipset_name("p", identity)
-        if name not in self.sets:
-            members: set[str] = set()
-            for pod in self.pods.values():
-                if pod.host_network:
-                    continue
-                for cp in pod.ports:
-                    if cp.name == port_name and cp.protocol == protocol:
-                        members.update(f"{ip},{protocol.lower()}:{cp.port}" for ip in _v4(pod.ips))
-            self._add_set(IpSetSpec(name, "hash:ip,port", frozenset(members), identity))
-        return name
-
-    # -- policies -------------------------------------------------------------------------------------
-    def _port_matches(self, port: PortSpec) -> dict[str, Any]:
-        if port.name is not None:
-            return {"protocol": port.protocol, "named_port_set": self.named_port_set(port.protocol, port.name)}
-        return {"protocol": port.protocol, "port": port.port, "end_port": port.end_port}
-
-    def _rule_matches(self, policy: Policy, index: int, rule: Rule) -> list[RuleMatch]:
-        peer_opts: list[dict[str, Any]] = [{}]
-        if rule.peers is not None:
-            peer_opts = []
-            for peer in rule.peers:
-                name = self.peer_set(policy.namespace, peer)
-                if name is not None:
-                    peer_opts.append({"peer_set": name})
-        port_opts: list[dict[str, Any]] = [{}]
-        if rule.ports is not None:
-            port_opts = [self._port_matches(p) for p in rule.ports]
-        return [RuleMatch(rule_index=index, **peer, **port) for peer in peer_opts for port in port_opts]
+    def define(self, d: SetDef) -> str:
+        if d.name not in self.sets:
+            if d.kind == "hash:net":
+                members = d.static_members
+            else:
+                members = frozenset(m for pod in self._candidates(d)
+                                    for m in pod_members(d, pod, self.namespace_labels(pod.namespace)))
+            self.sets[d.name] = IpSetSpec(d.name, d.kind, members, d.identity)
+        return d.name
 
     def plan(self, policy: Policy, direction: str) -> PolicyPlan:
         cache_key = (policy.key, direction)
         if cache_key not in self._plans:
-            matches: list[RuleMatch] = []
-            for i, rule in enumerate(policy.rules(direction)):
-                matches.extend(self._rule_matches(policy, i, rule))
-            chain = names.policy_chain(policy.key, direction)
-            self._plans[cache_key] = PolicyPlan(policy.key, direction, chain, tuple(dict.fromkeys(matches)))
+            self._plans[cache_key] = plan_policy(policy, direction, self.define)
         return self._plans[cache_key]
 
     def problems(self) -> list[PolicyProblem]:
-        out = []
-        for p in self.policies:
-            if not p.valid:
-                out.append(PolicyProblem(p.key, p.problems, tuple(d for d in DIRECTIONS if d in p.types)))
-        return out
+        return problems_of(self.policies)
 
     # -- the whole node -------------------------------------------------------------------------------
     def calculate(self) -> Calculation:
         plans: dict[str, PolicyPlan] = {}
         endpoints: list[EndpointPlan] = []
-        warnings: list[str] = []
+
+        def plan_chain(policy: Policy, direction: str) -> str:
+            plan = self.plan(policy, direction)
+            plans[plan.chain] = plan
+            return plan.chain
+
         for ep in sorted(self.inputs.endpoints, key=lambda e: e.host_ifname):
             pod = self.pods.get(ep.pod_key)
-            chains: dict[str, tuple[str, ...] | None] = {}
-            for direction in DIRECTIONS:
-                if pod is None:
-                    chains[direction] = ()
-                    continue
-                selected = self.selecting(pod, direction)
-                if not selected:
-                    chains[direction] = None
-                    continue
-                order = []
-                for policy in selected:
-                    plan = self.plan(policy, direction)
-                    plans[plan.chain] = plan
-                    order.append(plan.chain)
-                chains[direction] = tuple(order)
-            if pod is None:
-                warnings.append(f"endpoint {ep.host_ifname}: pod {ep.pod_key} unknown, failing closed")
-            endpoints.append(
-                EndpointPlan(
-                    host_ifname=ep.host_ifname,
-                    pod_key=ep.pod_key,
-                    ips=_v4(ep.ips),
-                    from_chain=names.endpoint_chain(ep.host_ifname, "from"),
-                    to_chain=names.endpoint_chain(ep.host_ifname, "to"),
-                    ingress=chains[INGRESS],
-                    egress=chains[EGRESS],
-                    unknown_pod=pod is None,
-                )
-            )
-        host = IpSetSpec(names.IPSET_HOST, "hash:ip", frozenset(_v4(self.inputs.node_ips)), "node addresses")
-        used: set[str] = {names.IPSET_HOST}
-        for plan in plans.values():
-            for rm in plan.rules:
-                used.update(s for s in (rm.peer_set, rm.named_port_set) if s)
-        ipsets = {n: self.sets[n] for n in sorted(used - {names.IPSET_HOST})}
-        ipsets[names.IPSET_HOST] = host
-        self.sets[names.IPSET_HOST] = host
+            endpoints.append(endpoint_plan(ep, pod, self.policies, plan_chain))
+        used = set().union(*(plan_sets(p) for p in plans.values()))
+        ipsets = {n: self.sets[n] for n in sorted(used)}
+        host = host_set(self.inputs.node_ips)
+        ipsets[names.IPSET_HOST] = self.sets[names.IPSET_HOST] = host
+        warnings = [unknown_pod_warning(ep) for ep in endpoints if ep.unknown_pod]
         return Calculation(ipsets, dict(sorted(plans.items())), endpoints, self.problems(), names.IPSET_HOST, warnings)
 
 

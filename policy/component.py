@@ -1,10 +1,15 @@
 """The policy component: keeps the node's ipsets and iptables chains equal to what the cluster's NetworkPolicies
 say, programs each new endpoint before its CNI ADD returns, and serves the policy views.
 
-Tasks (all restart on failure): `policy` (the reconciler: any change of Pods, Namespaces, NetworkPolicies or
-Nodes, an endpoint going, and the periodic resync mark it dirty; a failed apply is retried with backoff and the
-last good state stays), `policy-events` (Warning Events for invalid policies), `policy-counters` (per-endpoint
-drop counters for metrics, read periodically in a thread, never on the CNI path). Only `policy` is required.
+Every cache event goes into the incremental engine (policy/incremental.py) as it arrives; applies write only
+what changed (policy/controller.py). Applies are serialised and coalesced: whoever asks while one runs (the
+reconciler, many concurrent CNI ADDs) is served by the next one, which covers every request made before it
+started, so 50 ADDs at once cost a few applies, not 50.
+
+Tasks (all restart on failure): `policy` (the reconciler: any relevant change and the periodic resync — a full
+read-back and repair — mark it dirty; a failed apply is retried with backoff and the last good state stays),
+`policy-events` (Warning Events for invalid policies), `policy-counters` (per-endpoint drop counters for metrics,
+read periodically in a thread, never on the CNI path). Only `policy` is required.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ from policy.calc import PolicyInputs
 from policy.controller import PolicyApplyError, PolicyController
 from policy.events import EventPoster, InvalidPolicyEvents
 from policy.explain import explain, policies_for
+from policy.incremental import PolicyEngine
 from routed import metrics
 from routed.api_types import PolicyExplain, PolicyReport, PolicyShow
 from routed.backoff import Backoff
-from routed.cache import ClusterCache
+from routed.cache import CacheChange, ClusterCache
 from routed.component import ApiHandler
 from routed.config import PolicyOptions
 from routed.errors import Code, RoutedError
-from routed.model import Endpoint, Pod
+from routed.model import Endpoint, Namespace, Node, Pod
 from routed.reconcile import Reconciler
 from routed.supervisor import Liveness, Supervisor
 
@@ -61,14 +67,20 @@ class PolicyComponent:
         self.controller = PolicyController(self.options, self.node_name)
         self.events = InvalidPolicyEvents(self.node_name, self.post_event)
         self.reconciler = Reconciler("policy", self._apply, Backoff(base=0.2, cap=30.0))
-        self._lock = asyncio.Lock()  # one apply at a time: the reconciler's or a CNI ADD's
+        self._lock = asyncio.Lock()  # one apply at a time: the reconciler's or CNI ADDs'
+        self._requested = 0  # apply requests made
+        self._applied_upto = 0  # requests covered by a finished apply
         self._drop_labels: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
-        """The first apply (before any CNI ADD is served); a failure is retried by the `policy` task."""
-        await self.reconciler.run_once()
+        """Load the cache into the engine, then the first (full) apply, before any CNI ADD is served; a failure
+        is retried by the `policy` task."""
+        self.controller.engine = PolicyEngine.from_inputs(self.inputs())
+        self.controller.engine.take_changes()
+        self.controller.force_readback()
         self.cache.subscribe(self._on_cache_change)
+        await self.reconciler.run_once()
         self.supervisor.spawn("policy", self.reconciler.run, required=True)
         self.supervisor.spawn("policy-events", self.events.run, required=False)
         self.supervisor.spawn("policy-counters", self._counters_loop, required=False)
@@ -77,36 +89,56 @@ class PolicyComponent:
         for task in ("policy-counters", "policy-events", "policy"):
             await self.supervisor.stop_task(task)
 
-    async def _on_cache_change(self, kinds: frozenset[str]) -> None:
-        if not kinds.isdisjoint(POLICY_KINDS):
-            self.reconciler.mark_dirty()
+    async def _on_cache_change(self, change: CacheChange) -> None:
+        if change.kinds.isdisjoint(POLICY_KINDS):
+            return
+        engine = self.controller.engine
+        for event in change.events:
+            gone = event.type == "DELETED"
+            if event.kind == "Pod":
+                engine.delete_pod(event.key) if gone else engine.set_pod(Pod.from_k8s(event.obj))
+            elif event.kind == "Namespace":
+                engine.delete_namespace(event.key) if gone else engine.set_namespace(Namespace.from_k8s(event.obj))
+            elif event.kind == "NetworkPolicy":
+                engine.delete_policy(event.key) if gone else engine.set_policy(event.obj)
+            elif event.kind == "Node" and event.key == self.node_name:
+                engine.set_node_ips(() if gone else Node.from_k8s(event.obj).addresses)
+        self.reconciler.mark_dirty()
 
     def resync(self) -> None:
         self.controller.force_readback()
         self.reconciler.mark_dirty()
 
     # -- applying -----------------------------------------------------------------------------------
-    def inputs(self, extra: Endpoint | None = None) -> PolicyInputs:
-        endpoints = list(self.endpoints())
-        if extra is not None and all((e.container_id, e.ifname) != (extra.container_id, extra.ifname)
-                                     for e in endpoints):
-            endpoints.append(extra)
+    def inputs(self) -> PolicyInputs:
+        """The whole snapshot (the engine's first load, and explain/show, which evaluate it in full)."""
         node = self.cache.node(self.node_name)
         return PolicyInputs(namespaces=self.cache.namespaces(), pods=self.cache.pods(),
-                            policies=self.cache.raw("NetworkPolicy"), endpoints=endpoints,
+                            policies=self.cache.raw("NetworkPolicy"), endpoints=list(self.endpoints()),
                             node_ips=list(node.addresses) if node else [])
 
     async def _apply(self) -> None:
-        started = time.perf_counter()
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Apply everything the engine holds now; coalesced with the applies of concurrent callers."""
+        self._requested += 1
+        mine = self._requested
         async with self._lock:
+            if self._applied_upto >= mine:
+                return  # an apply that started after this request covered it
+            upto = self._requested
+            started = time.perf_counter()
+            plan = self.controller.plan()  # here, on the loop: only the loop touches the engine
             try:
-                await asyncio.to_thread(self.controller.sync, self.inputs())
+                await asyncio.to_thread(self.controller.execute, plan)
             except PolicyApplyError:
                 metrics.POLICY_SYNC_FAILURES.inc()
                 raise
             finally:
                 self._after_apply()
-        metrics.POLICY_SYNC_SECONDS.observe(time.perf_counter() - started)
+            self._applied_upto = upto
+            metrics.POLICY_SYNC_SECONDS.observe(time.perf_counter() - started)
 
     def _after_apply(self) -> None:
         report = self.controller.report()
@@ -117,16 +149,24 @@ class PolicyComponent:
 
     # EndpointHooks, called by the CNI service
     async def endpoint_added(self, endpoint: Endpoint) -> None:
-        """Program the new endpoint's policy before the ADD returns: no packet goes unpoliced."""
+        """Program the new endpoint's chains, dispatch rule and set memberships before the ADD returns (no
+        packet goes unpoliced); a failing apply is retried a few times quickly, then the ADD fails."""
         if self.cache.pod(endpoint.pod_namespace, endpoint.pod_name) is None:
             await self._wait_for_pod(endpoint)
-        async with self._lock:
+        self.controller.engine.add_endpoint(endpoint)
+        backoff = self.controller.endpoint_backoff
+        backoff.reset()
+        for attempt in range(max(0, self.options.apply_retries) + 1):
             try:
-                await asyncio.to_thread(self.controller.ensure_endpoint, self.inputs(extra=endpoint))
-            finally:
-                self._after_apply()
+                await self._flush()
+                return
+            except PolicyApplyError:
+                if attempt >= self.options.apply_retries:
+                    raise
+                await backoff.sleep()
 
     async def endpoint_removed(self, endpoint: Endpoint) -> None:
+        self.controller.engine.remove_endpoint(endpoint)
         self.reconciler.mark_dirty()
 
     async def _wait_for_pod(self, endpoint: Endpoint) -> None:

@@ -11,10 +11,12 @@ Layout (Felix-style):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from policy import names
-from policy.calc import Calculation, EndpointPlan, RuleMatch
+from policy.calc import Calculation, EndpointPlan, PolicyPlan, RuleMatch
+from policy.incremental import PolicyEngine
 
 ACCEPT_MARK = 0x40000
 SPOOF_OK_MARK = 0x80000
@@ -114,44 +116,77 @@ def to_workload(ep: EndpointPlan, opts: RenderOptions) -> list[str]:
     return [f"-j MARK --set-xmark 0x0/0x{ACCEPT_MARK:x}"] + _policy_jumps(ep.ingress, opts, ep, "DENY-I")
 
 
+def fixed_chains() -> dict[str, list[str]]:
+    """The chains hooked from the built-in ones (they never change)."""
+    w = IF_WILDCARD
+    return {
+        names.CHAIN_FORWARD: [
+            f"-i {w} -m conntrack --ctstate INVALID -j DROP",
+            f"-o {w} -m conntrack --ctstate INVALID -j DROP",
+            f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-o {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {w} -j {names.CHAIN_FROM_DISPATCH}",
+            f"-o {w} -j {names.CHAIN_TO_DISPATCH}",
+            f"-i {w} -j ACCEPT",
+            f"-o {w} -j ACCEPT",
+        ],
+        names.CHAIN_INPUT: [
+            f"-i {w} -m conntrack --ctstate INVALID -j DROP",
+            f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {w} -j {names.CHAIN_FROM_DISPATCH}",
+        ],
+    }
+
+
+def dispatch_chains(endpoints: list[EndpointPlan], host_set: str) -> dict[str, list[str]]:
+    """Interface -> endpoint chain, for every local endpoint (sorted by interface); unknown `rtd+` interfaces
+    end in DROP (fail closed)."""
+    w = IF_WILDCARD
+    return {
+        names.CHAIN_FROM_DISPATCH: [f"-i {ep.host_ifname} -g {ep.from_chain}" for ep in endpoints] + [f"-i {w} -j DROP"],
+        names.CHAIN_TO_DISPATCH: ([f"-m set --match-set {host_set} src -j RETURN"]
+                                  + [f"-o {ep.host_ifname} -g {ep.to_chain}" for ep in endpoints]
+                                  + [f"-o {w} -j DROP"]),
+    }
+
+
+def endpoint_chains(ep: EndpointPlan, opts: RenderOptions) -> dict[str, list[str]]:
+    return {ep.from_chain: from_workload(ep, opts), ep.to_chain: to_workload(ep, opts)}
+
+
+def policy_chain_rules(plan: PolicyPlan) -> list[str]:
+    return [policy_rule(plan.direction, rm) for rm in plan.rules]
+
+
+def hooks() -> dict[str, RenderedRule]:
+    return {builtin: hash_rules(builtin, [f"-j {target}"])[0] for builtin, target in HOOKS.items()}
+
+
 def render(calc: Calculation, opts: RenderOptions | None = None) -> Ruleset:
     opts = opts or RenderOptions()
-    bodies: dict[str, list[str]] = {}
-    w = IF_WILDCARD
-    bodies[names.CHAIN_FORWARD] = [
-        f"-i {w} -m conntrack --ctstate INVALID -j DROP",
-        f"-o {w} -m conntrack --ctstate INVALID -j DROP",
-        f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-o {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-i {w} -j {names.CHAIN_FROM_DISPATCH}",
-        f"-o {w} -j {names.CHAIN_TO_DISPATCH}",
-        f"-i {w} -j ACCEPT",
-        f"-o {w} -j ACCEPT",
-    ]
-    bodies[names.CHAIN_INPUT] = [
-        f"-i {w} -m conntrack --ctstate INVALID -j DROP",
-        f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-i {w} -j {names.CHAIN_FROM_DISPATCH}",
-    ]
-    bodies[names.CHAIN_FROM_DISPATCH] = [f"-i {ep.host_ifname} -g {ep.from_chain}" for ep in calc.endpoints] + [
-        f"-i {w} -j DROP"
-    ]
-    bodies[names.CHAIN_TO_DISPATCH] = (
-        [f"-m set --match-set {calc.host_set} src -j RETURN"]
-        + [f"-o {ep.host_ifname} -g {ep.to_chain}" for ep in calc.endpoints]
-        + [f"-o {w} -j DROP"]
-    )
+    bodies = fixed_chains() | dispatch_chains(calc.endpoints, calc.host_set)
     for ep in calc.endpoints:
-        bodies[ep.from_chain] = from_workload(ep, opts)
-        bodies[ep.to_chain] = to_workload(ep, opts)
+        bodies |= endpoint_chains(ep, opts)
     for chain, plan in calc.policies.items():
-        bodies[chain] = [policy_rule(plan.direction, rm) for rm in plan.rules]
-    ruleset = Ruleset()
-    for chain, chain_bodies in bodies.items():
-        ruleset.chains[chain] = hash_rules(chain, chain_bodies)
-    for builtin, target in HOOKS.items():
-        ruleset.hooks[builtin] = hash_rules(builtin, [f"-j {target}"])[0]
-    return ruleset
+        bodies[chain] = policy_chain_rules(plan)
+    return Ruleset({chain: hash_rules(chain, rules) for chain, rules in bodies.items()}, hooks())
+
+
+def render_chains(engine: PolicyEngine, chains: Iterable[str], opts: RenderOptions) -> dict[str, list[RenderedRule] | None]:
+    """Just these chains of the engine's current state (None: the chain should not exist any more)."""
+    wanted = set(chains)
+    out: dict[str, list[str] | None] = {c: None for c in wanted}
+    if wanted & {names.CHAIN_FROM_DISPATCH, names.CHAIN_TO_DISPATCH}:
+        ordered = [engine.ep_plans[h] for h in sorted(engine.ep_plans)]
+        out |= {c: r for c, r in dispatch_chains(ordered, names.IPSET_HOST).items() if c in wanted}
+    for ep in engine.ep_plans.values():
+        if ep.from_chain in wanted or ep.to_chain in wanted:
+            out |= {c: r for c, r in endpoint_chains(ep, opts).items() if c in wanted}
+    for chain in wanted:
+        key = engine.chain_plan.get(chain)
+        if key is not None and key in engine.plans:
+            out[chain] = policy_chain_rules(engine.plans[key])
+    return {c: (hash_rules(c, r) if r is not None else None) for c, r in out.items()}
 
 
 def drop_rule_chains(calc: Calculation) -> dict[str, tuple[str, str]]:

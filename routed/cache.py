@@ -1,12 +1,14 @@
 """Cluster cache: the last known state of every watched object, fed by datastore events.
 
-Consumers read typed views and subscribe to changes by kind; listeners run after each batch.
+Consumers read typed views and subscribe to changes; listeners run after each batch with the kinds that changed
+and the events that changed something (an event repeating what the cache holds is dropped).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from routed.datastore.base import KINDS, Event
@@ -14,7 +16,13 @@ from routed.model import Namespace, Node, Pod
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[frozenset[str]], Awaitable[None]]
+@dataclass(frozen=True)
+class CacheChange:
+    kinds: frozenset[str]
+    events: list[Event]  # the effective ones, in order (DELETED carries the object's last state)
+
+
+Listener = Callable[[CacheChange], Awaitable[None]]
 
 
 class ClusterCache:
@@ -27,23 +35,23 @@ class ClusterCache:
         self._listeners.append(listener)
 
     async def apply(self, events: list[Event]) -> None:
-        changed: set[str] = set()
+        effective: list[Event] = []
         for event in events:
             store = self._objects.setdefault(event.kind, {})
             if event.type == "DELETED":
                 if store.pop(event.key, None) is not None:
-                    changed.add(event.kind)
+                    effective.append(event)
             elif store.get(event.key) != event.obj:
                 store[event.key] = event.obj
-                changed.add(event.kind)
-        if not changed:
+                effective.append(event)
+        if not effective:
             return
-        for kind in changed:
+        change = CacheChange(frozenset(e.kind for e in effective), effective)
+        for kind in change.kinds:
             self._typed.pop(kind, None)
-        kinds = frozenset(changed)
         for listener in self._listeners:
             try:
-                await listener(kinds)
+                await listener(change)
             except Exception:
                 log.exception("cache listener failed")
 
@@ -81,7 +89,3 @@ class ClusterCache:
 
     def counts(self) -> dict[str, int]:
         return {kind: len(objs) for kind, objs in self._objects.items()}
-
-
-def changed_any(kinds: frozenset[str], interesting: Iterable[str]) -> bool:
-    return not kinds.isdisjoint(interesting)

@@ -60,8 +60,15 @@ class IpsetDataplane:
         return parse_save(run([self.ipset, "save"]))
 
     @staticmethod
-    def _create(name: str, kind: str) -> str:
+    def create_line(name: str, kind: str) -> str:
         return f"create {name} {kind} family inet hashsize 1024 maxelem {MAXELEM}"
+
+    def swap_lines(self, name: str, kind: str, members: set[str]) -> list[str]:
+        """Fill a temporary set and swap it in: readers never see a half-filled set. (`restore -exist` keeps a
+        temporary set a crash left behind, so it is flushed first.)"""
+        tmp = names.tmp_ipset_name(name)
+        return ([self.create_line(tmp, kind), f"flush {tmp}"] + [f"add {tmp} {m}" for m in sorted(members)]
+                + [f"swap {name} {tmp}", f"destroy {tmp}"])
 
     def phase1_script(self, desired: Mapping[str, IpSetSpec], actual: Mapping[str, ActualSet]) -> list[str]:
         lines: list[str] = []
@@ -73,7 +80,7 @@ class IpsetDataplane:
                 have = None
                 lines.append(f"flush {name}")
             if have is None and name not in actual:
-                lines.append(self._create(name, spec.kind))
+                lines.append(self.create_line(name, spec.kind))
                 lines += [f"add {name} {m}" for m in sorted(want)]
                 continue
             current = have.members if have is not None else set()
@@ -81,9 +88,7 @@ class IpsetDataplane:
             if len(added) + len(removed) > SWAP_THRESHOLD:
                 tmp = names.tmp_ipset_name(name)
                 lines += [f"destroy {tmp}"] if tmp in actual else []
-                lines.append(self._create(tmp, spec.kind))
-                lines += [f"add {tmp} {m}" for m in sorted(want)]
-                lines += [f"swap {name} {tmp}", f"destroy {tmp}"]
+                lines += self.swap_lines(name, spec.kind, want)
             else:
                 # removals first: a `nomatch` entry and its plain twin cannot coexist
                 lines += [f"del {name} {m}" for m in sorted(removed)]

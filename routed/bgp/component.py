@@ -15,7 +15,7 @@ from routed.api_types import BgpRoute, BgpStatus
 from routed.backoff import Backoff
 from routed.bgp.manager import BgpInputs, BgpManager
 from routed.bgp.metrics import BgpCollector
-from routed.cache import ClusterCache
+from routed.cache import CacheChange, ClusterCache
 from routed.component import ApiHandler
 from routed.config import BgpOptions
 from routed.reconcile import Reconciler
@@ -58,8 +58,8 @@ class BgpComponent:
         await self.manager.stop(graceful=self.options.withdraw_on_shutdown if graceful is None else graceful)
         metrics.REGISTRY.unregister(self._collector)
 
-    async def _on_cache_change(self, kinds: frozenset[str]) -> None:
-        if not kinds.isdisjoint(BGP_KINDS):
+    async def _on_cache_change(self, change: CacheChange) -> None:
+        if not change.kinds.isdisjoint(BGP_KINDS):
             self.reconciler.mark_dirty()
 
     async def _apply(self) -> None:

@@ -54,7 +54,10 @@ def main() -> None:
             return
         method, args = msg
         try:
-            _write(stdout, ("ok", getattr(ctl, method)(*args)))
+            target: Any = ctl
+            for part in method.split("."):  # "engine.set_pod": the controller's engine
+                target = getattr(target, part)
+            _write(stdout, ("ok", target(*args)))
         except Exception as exc:  # reported to the test
             _write(stdout, ("err", repr(exc)))
 

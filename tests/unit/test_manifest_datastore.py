@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from routed.cache import ClusterCache
+from routed.cache import CacheChange, ClusterCache
 from routed.datastore.manifest import ManifestDatastore
 
 POD = """apiVersion: v1
@@ -40,16 +40,17 @@ def test_cache_views_and_listeners(tmp_path):
     (tmp_path / "a.yaml").write_text(POD)
     store = ManifestDatastore(str(tmp_path))
     cache = ClusterCache()
-    seen: list[frozenset[str]] = []
+    seen: list[CacheChange] = []
 
-    async def listener(kinds: frozenset[str]) -> None:
-        seen.append(kinds)
+    async def listener(change: CacheChange) -> None:
+        seen.append(change)
 
     cache.subscribe(listener)
-    asyncio.run(cache.apply(store.scan()))
+    events = store.scan()
+    asyncio.run(cache.apply(events + events))  # the repeat changes nothing: not passed on
     pod = cache.pod("x", "a")
     assert pod is not None and pod.ips == ("10.244.1.5",) and pod.ports[0].name == "http"
-    assert seen == [frozenset({"Pod"})]
+    assert [(c.kinds, [(e.type, e.key) for e in c.events]) for c in seen] == [(frozenset({"Pod"}), [("ADDED", "x/a")])]
     asyncio.run(cache.apply(store.scan()))
     assert len(seen) == 1  # no change, no call
 

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from policy import names
-from policy.calc import Calculator, PolicyInputs, calculate
-from policy.model import INGRESS
+from policy.calc import Calculator, PolicyInputs, calculate, selector_set
+from policy.model import INGRESS, Peer
 from policy.render import render
+from policy.selectors import Selector
 from routed.model import ContainerPort, Endpoint, Namespace, Pod
 
 
@@ -73,8 +74,8 @@ def test_pods_without_policy_have_no_policy_chains_and_host_network_ignored():
     plan = calc.calculate().endpoints[0]
     assert plan.ingress == (names.policy_chain("x/deny", INGRESS),) and plan.egress is None
     # a selector peer never contains hostNetwork pod IPs
-    any_pod = calc.peer_set("x", calc.policies[0].ingress[0].peers[0]) if calc.policies[0].ingress else None
-    assert any_pod is None
+    every_pod = calc.define(selector_set("x", Peer(pod_selector=Selector())))
+    assert calc.sets[every_pod].members == frozenset({"10.1.0.1"})
 
 
 def test_unknown_pod_fails_closed_and_invalid_reported():

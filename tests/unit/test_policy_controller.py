@@ -23,34 +23,37 @@ def test_apply_failure_raises_keeps_last_good_and_endpoint_path_retries(monkeypa
     ctl.endpoint_backoff.base = ctl.endpoint_backoff.cap = 0.001
     calls = []
 
-    def ok(calc, ruleset, report):
+    def ok(plan, report):
         calls.append("ok")
 
-    def broken(calc, ruleset, report):
+        ctl._applied, ctl._applied_sets = dict(plan.ruleset.chains), {}
+
+    def broken(plan, report):
         calls.append("fail")
         raise RuntimeError("iptables-restore: resource busy")
 
-    monkeypatch.setattr(ctl, "_apply_once", ok)
+    monkeypatch.setattr(ctl, "_execute_full", ok)
     assert ctl.sync(_inputs()).ok and ctl.report()["ready"]
-    good = ctl._ruleset
-    monkeypatch.setattr(ctl, "_apply_once", broken)
+    good = dict(ctl._applied)
+    monkeypatch.setattr(ctl, "_execute_full", broken)
     with pytest.raises(PolicyApplyError) as failed:
         ctl.sync(_inputs([{"metadata": {"name": "d", "namespace": "x"}, "spec": {"podSelector": {}}}]))
     assert not failed.value.report.ok and calls.count("fail") == 1
     assert "resource busy" in failed.value.report.error
     status = ctl.report()
     assert status["ready"] is False and "resource busy" in status["lastError"] and status["failures"] == 1
-    assert ctl._ruleset is good  # the last good desired state is what drop counters etc. refer to
+    assert ctl._applied is None  # after a failure nothing is trusted: the next apply reads the kernel back
+    assert good
     with pytest.raises(PolicyApplyError):
-        ctl.ensure_endpoint(_inputs())
-    assert calls.count("fail") == 4  # 1 + apply_retries attempts on the ADD path
-    monkeypatch.setattr(ctl, "_apply_once", ok)
+        ctl.ensure_endpoint(Endpoint("c2", "eth0", "", "rtd00000000002", ("10.1.0.2",), "x", "b"))
+    assert calls.count("fail") == 4  # 1 + apply_retries attempts on the ADD path, each a full apply
+    monkeypatch.setattr(ctl, "_execute_full", ok)
     assert ctl.sync(_inputs()).ok and ctl.report()["ready"] and ctl.report()["failures"] == 0
 
 
 def test_invalid_policy_in_report(monkeypatch):
     ctl = PolicyController(PolicyOptions(iptables_backend="nft"), "n")
-    monkeypatch.setattr(ctl, "_apply_once", lambda calc, ruleset, report: None)
+    monkeypatch.setattr(ctl, "_execute_full", lambda plan, report: None)
     bad = {"metadata": {"name": "bad", "namespace": "x"},
            "spec": {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "nope"}}]}]}}
     report = ctl.sync(_inputs([bad]))
