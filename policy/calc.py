@@ -182,7 +182,7 @@ def named_port_set(protocol: str, port_name: str) -> SetDef:
 
 def contributes(pod: Pod) -> bool:
     """Only pods with their own network and an IPv4 address are ever set members."""
-    return not pod.host_network and bool(_v4(pod.ips))
+    return not pod.host_network and bool(pod.ipv4)
 
 
 def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -192,7 +192,7 @@ def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str,
     if d.named_port is not None:
         protocol, port_name = d.named_port
         return tuple(f"{ip},{protocol.lower()}:{cp.port}" for cp in pod.ports
-                     if cp.name == port_name and cp.protocol == protocol for ip in _v4(pod.ips))
+                     if cp.name == port_name and cp.protocol == protocol for ip in pod.ipv4)
     if d.kind != "hash:ip":
         return ()
     if d.namespace is not None:
@@ -202,7 +202,7 @@ def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str,
         return ()
     if d.pod_selector is not None and not d.pod_selector.matches(pod.labels):
         return ()
-    return _v4(pod.ips)
+    return pod.ipv4
 
 
 def local_pod_ips(endpoints: Iterable[Endpoint]) -> dict[str, tuple[str, ...]]:

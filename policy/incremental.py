@@ -102,7 +102,7 @@ class PolicyEngine:
         self.raw_pods: dict[str, Pod] = {}
         self.pods: dict[str, Pod] = {}  # effective
         self.pods_by_ns: dict[str, set[str]] = {}
-        self.pods_by_label: dict[tuple[str, str], set[str]] = {}
+        self.pods_by_ns_label: dict[tuple[str, str, str], set[str]] = {}
         self.pods_by_port: dict[tuple[str, str], set[str]] = {}
         self.policies: dict[str, Policy] = {}
         self.policies_by_ns: dict[str, dict[str, Policy]] = {}
@@ -121,15 +121,28 @@ class PolicyEngine:
     # -- loading and reading back ----------------------------------------------------------------------
     @classmethod
     def from_inputs(cls, inputs: PolicyInputs) -> PolicyEngine:
+        """A whole snapshot at once: namespaces, pods and endpoints straight into the indexes (no set is active
+        yet, so there is nothing to update), then each policy as an event (activating what it uses)."""
         engine = cls(inputs.node_ips)
         for ns in inputs.namespaces:
-            engine.set_namespace(ns)
-        for pod in inputs.pods:
-            engine.set_pod(pod)
+            engine.ns_labels[ns.name] = namespace_labels_of(ns)
         for ep in inputs.endpoints:
-            engine.add_endpoint(ep)
-        for raw in inputs.policies:
-            engine.set_policy(raw)
+            engine.endpoints[ep.host_ifname] = ep
+            engine.endpoints_by_pod.setdefault(ep.pod_key, set()).add(ep.host_ifname)
+        for pod in inputs.pods:
+            engine.raw_pods[pod.key] = pod
+        local = local_pod_ips(inputs.endpoints)
+        for key, raw in engine.raw_pods.items():
+            pod = raw
+            if not raw.ips and key in local:
+                pod = Pod(raw.namespace, raw.name, raw.labels, raw.node_name, local[key], raw.ports, raw.host_network)
+            engine.pods[key] = pod
+            engine._index(pod)
+        for host_ifname in engine.endpoints:
+            engine._refresh_endpoint(host_ifname)
+        engine.changes.chains.update((names.CHAIN_FROM_DISPATCH, names.CHAIN_TO_DISPATCH))
+        for raw_policy in inputs.policies:
+            engine.set_policy(raw_policy)
         return engine
 
     def take_changes(self) -> Changes:
@@ -224,9 +237,11 @@ class PolicyEngine:
     def _index(self, pod: Pod | None) -> None:
         if pod is None or not contributes(pod):
             return
-        self.pods_by_ns.setdefault(pod.namespace, set()).add(pod.key)
-        for item in pod.labels.items():
-            self.pods_by_label.setdefault(item, set()).add(pod.key)
+        key, ns = pod.key, pod.namespace
+        self.pods_by_ns.setdefault(ns, set()).add(key)
+        by_label = self.pods_by_ns_label
+        for k, v in pod.labels.items():
+            by_label.setdefault((ns, k, v), set()).add(key)
         for cp in pod.ports:
             self.pods_by_port.setdefault((cp.protocol, cp.name), set()).add(pod.key)
 
@@ -234,14 +249,14 @@ class PolicyEngine:
         if pod is None or not contributes(pod):
             return
         _discard(self.pods_by_ns, pod.namespace, pod.key)
-        for item in pod.labels.items():
-            _discard(self.pods_by_label, item, pod.key)
+        for k, v in pod.labels.items():
+            _discard(self.pods_by_ns_label, (pod.namespace, k, v), pod.key)
         for cp in pod.ports:
             _discard(self.pods_by_port, (cp.protocol, cp.name), pod.key)
 
     def _candidate_sets(self, pod: Pod | None) -> set[str]:
         """Active sets `pod` could be a member of (a superset; membership itself is pod_members)."""
-        if pod is None or not contributes(pod):
+        if pod is None or not (self.selector_index or self.port_index) or not contributes(pod):
             return set()
         out: set[str] = set()
         for scope in (pod.namespace, None):
@@ -302,16 +317,15 @@ class PolicyEngine:
         active.refs += 1
 
     def _initial_candidates(self, d: SetDef, keys: list[IndexKey]) -> Iterable[str]:
+        """The pods of the namespaces `d` may take members from, narrowed by its required label if it has one."""
         if d.namespace is not None:
             namespaces: Iterable[str] = [d.namespace]
         else:
             sel = d.namespace_selector
             namespaces = [ns for ns in self.pods_by_ns if sel is not None and sel.matches(self.namespace_labels(ns))]
-        wanted = set(namespaces)
         if len(keys[0]) == 3:
-            return {p for key in keys for p in self.pods_by_label.get((key[1], key[2]), ())
-                    if self.pods[p].namespace in wanted}
-        return [p for ns in wanted for p in self.pods_by_ns.get(ns, ())]
+            return {p for ns in namespaces for key in keys for p in self.pods_by_ns_label.get((ns, key[1], key[2]), ())}
+        return [p for ns in namespaces for p in self.pods_by_ns.get(ns, ())]
 
     def _deref_set(self, name: str) -> None:
         active = self.sets[name]

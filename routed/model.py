@@ -5,6 +5,7 @@ Pure data, no I/O. Built from Kubernetes-shaped dicts (manifest files or the API
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,11 @@ class Pod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @functools.cached_property
+    def ipv4(self) -> tuple[str, ...]:
+        """The IPv4 addresses (computed once per object: the policy calculation asks for them often)."""
+        return tuple(ip for ip in self.ips if ":" not in ip)
 
     @classmethod
     def from_k8s(cls, obj: dict[str, Any]) -> Pod:

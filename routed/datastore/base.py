@@ -73,6 +73,10 @@ class Datastore(abc.ABC):
     def refresh_soon(self) -> None:  # noqa: B027
         """Ask for fresh data now (a CNI ADD names a pod the cache has not seen yet); a hint only."""
 
+    def resync(self) -> None:
+        """The periodic resync: re-read everything the backend can cheaply re-read (default: refresh_soon)."""
+        self.refresh_soon()
+
     async def write_status(self, node_name: str, status: dict[str, Any]) -> None:  # noqa: B027
         """Publish this node's status object (sessions, advertised prefixes). Optional per backend."""
 

@@ -68,4 +68,4 @@ class DatastoreComponent:
         return {}
 
     def resync(self) -> None:
-        self.backend.refresh_soon()
+        self.backend.resync()

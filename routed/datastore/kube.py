@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import threading
@@ -28,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
@@ -509,7 +509,7 @@ class _Watcher:
                 kw["_continue"] = cont
             resp = self._call(**kw)
             try:
-                body = json.loads(resp.data)
+                body = orjson.loads(resp.data)
             finally:
                 resp.release_conn()
             for raw in body.get("items") or []:
@@ -553,7 +553,7 @@ class _Watcher:
                 if self.stop.is_set():
                     return
                 self.received += 1
-                self._handle(json.loads(line))
+                self._handle(orjson.loads(line))
         finally:
             self.watching = False
             self._resp = None

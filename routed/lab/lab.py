@@ -29,6 +29,7 @@ from routed.lab.store import ClusterStore, KubeStore, ManifestStore
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 90.0
+POD_WORKERS = 16
 SUPERVISOR_STOP_SECONDS = 20.0
 
 
@@ -215,16 +216,22 @@ class Lab:
                 continue
             store.write(obj)
             done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} configured")
-        for obj in objects:
-            if obj["kind"] != "Pod":
-                continue
+        pods_to_apply = [obj for obj in objects if obj["kind"] == "Pod"]
+        for obj in pods_to_apply:
             ns = obj["metadata"]["namespace"]
             namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
             if ns not in known_namespaces and store.read(namespace) is None:
                 store.write(namespace)
                 known_namespaces.add(ns)
-            done.append(self._apply_pod(state, store, obj))
-            state.save(self.paths)
+        # pods are created side by side, as a kubelet starts many sandboxes at once; each records itself
+        if pods_to_apply:
+            with ThreadPoolExecutor(max_workers=min(POD_WORKERS, len(pods_to_apply))) as pool:
+                futures = [pool.submit(self._apply_pod, state, store, o) for o in pods_to_apply]
+            state.save(self.paths)  # every pod that was created is recorded, even if another one failed
+            errors = [e for f in futures if (e := f.exception()) is not None]
+            if errors:
+                raise errors[0]
+            done += [f.result() for f in futures]
         return done
 
     def _apply_pod(self, state: LabState, store: ClusterStore, obj: dict[str, Any]) -> str:

@@ -179,6 +179,8 @@ def test_incremental_equals_full_after_every_event(sequence):
                 chains[chain] = rules
         assert chains == render(want).chains, event
         previous = want
+    loaded = PolicyEngine.from_inputs(inputs_of(engine, policies))  # the bulk load gives the same state
+    assert loaded.calculation() == previous
 
 
 def test_from_inputs_equals_full():
