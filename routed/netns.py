@@ -62,6 +62,28 @@ def create(name: str) -> None:
     ns_run(name, ["ip", "link", "set", "lo", "up"])
 
 
+def attach(name: str, path: str) -> None:
+    """Name an existing network namespace (e.g. a CRI sandbox's, given as a path): a bind mount under
+    /var/run/netns, as `ip netns add` makes; `detach` removes the name and leaves the namespace alone."""
+    _check_name(name)
+    if exists(name):
+        detach(name)
+    os.makedirs(NETNS_DIR, exist_ok=True)
+    open(netns_path(name), "w").close()
+    try:
+        run(["mount", "--bind", path, netns_path(name)])
+    except Exception:
+        os.unlink(netns_path(name))
+        raise
+
+
+def detach(name: str) -> None:
+    """Drop our name of a namespace without touching its processes (a CRI pod: the runtime owns them)."""
+    _check_name(name)
+    if exists(name):
+        run(["ip", "netns", "delete", name], check=False)
+
+
 def pids(name: str) -> list[int]:
     _check_name(name)
     proc = run(["ip", "netns", "pids", name], check=False)

@@ -25,6 +25,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--topology", choices=["as-per-node", "as-per-rack", "ibgp"], default="as-per-node")
     up.add_argument("--datastore", choices=["manifest", "kube"], default="manifest",
                     help="kube: a real kube-apiserver holds every object; agents use deploy/'s RBAC")
+    up.add_argument("--runtime", choices=["process", "containerd"], default="process",
+                    help="containerd: a real containerd per node runs the agent image and the pods (CRI sandboxes)")
     cmds.add_parser("down", help="remove the lab (and any leftovers of a crashed one)")
     st = cmds.add_parser("status", help="nodes, agents, ToR routes, pods")
     st.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -36,6 +38,9 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     mx.add_argument("--protocols", default="", help="comma-separated: tcp,udp")
     mx.add_argument("--timeout", type=float, default=1.0)
     mx.add_argument("--json", action="store_true")
+    cr = cmds.add_parser("crictl", help="crictl against a node's containerd (--runtime containerd)")
+    cr.add_argument("node")
+    cr.add_argument("cmd", nargs=argparse.REMAINDER)
     ex = cmds.add_parser("exec", help="run a command in a node, ToR or pod namespace")
     ex.add_argument("target", help="NODE, TOR or NS/POD")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -99,7 +104,7 @@ def run_lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_cmd == "up":
             lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology,
-                   datastore=args.datastore)
+                   datastore=args.datastore, runtime=args.runtime)
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":
@@ -121,6 +126,12 @@ def run_lab(args: argparse.Namespace) -> int:
                 sys.stdout.write(json.dumps({"results": [{k: r[k] for k in keys} for r in rows]}, indent=1) + "\n")
             else:
                 sys.stdout.write(render_matrix(rows))
+        elif args.lab_cmd == "crictl":
+            cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+            proc = lab.crictl(args.node, cmd)
+            sys.stdout.write(proc.stdout)
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
         elif args.lab_cmd == "exec":
             from routed import netns
 

@@ -21,7 +21,7 @@ import yaml
 
 from routed import api, netns
 from routed.errors import RoutedError
-from routed.lab import manifests, pods, topology
+from routed.lab import cri, manifests, pods, topology
 from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, LabState, PodState
 from routed.lab.store import ClusterStore, KubeStore, ManifestStore
@@ -72,9 +72,13 @@ class Lab:
         return LabState.load(self.paths)
 
     def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "frr", tors: int = 1,
-           topology_kind: str = "as-per-node", datastore: str = "manifest") -> LabState:
+           topology_kind: str = "as-per-node", datastore: str = "manifest", runtime: str = "process") -> LabState:
         self.down(quiet=True)
+        if runtime not in ("process", "containerd"):
+            raise LabError(f"runtime {runtime!r}: process or containerd")
+        images = cri.prepare() if runtime == "containerd" else {}
         state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor, datastore=datastore)
+        state.runtime = runtime
         self.paths.root.mkdir(parents=True, exist_ok=True)
         state.save(self.paths)
         try:
@@ -88,6 +92,8 @@ class Lab:
             for node in state.nodes:
                 store.write(self._node_object(node))
                 self._write_agent_config(state, node)
+                if runtime == "containerd":  # before the agent: its mount namespace must see the pods' netns
+                    cri.NodeRuntime(self.paths, node.name).start(node.netns, images)
             self._start_routers(state)
             self._start_supervisor()
             self.wait_ready(state)
@@ -102,6 +108,14 @@ class Lab:
 
     def down(self, quiet: bool = False) -> list[str]:
         self._stop_supervisor()
+        if LabState.exists(self.paths):
+            state = LabState.load(self.paths)
+            if state.runtime == "containerd":
+                for node in state.nodes:
+                    try:
+                        cri.NodeRuntime(self.paths, node.name).stop()
+                    except LabError as exc:
+                        log.warning("stopping %s's containerd: %s", node.name, exc)
         removed = topology.destroy(self.name)  # ends router daemons and pod servers with their namespaces
         shutil.rmtree(self.paths.root, ignore_errors=True)
         if removed and not quiet:
@@ -123,15 +137,19 @@ class Lab:
         }
 
     def _write_agent_config(self, state: LabState, node: Any) -> None:
+        """The node's agent config; the containerd runtime runs the agent as the DaemonSet does, with the
+        ConfigMap (agent.yaml and the conflist) mounted at /etc/routed and state, run, log dirs at theirs."""
         node_dir = self.paths.node_dir(node.name)
-        node_dir.mkdir(parents=True, exist_ok=True)
+        for sub_dir in ("run", "log", "state", "config"):
+            (node_dir / sub_dir).mkdir(parents=True, exist_ok=True)
+        inside = state.runtime == "containerd"
         config: dict[str, Any] = {
             "node_name": node.name,
             "datastore": state.datastore,
-            "state_dir": str(node_dir / "state"),
-            "socket_path": self.paths.node_socket(node.name),
+            "state_dir": "/var/lib/routed" if inside else str(node_dir / "state"),
+            "socket_path": "/var/run/routed/agent.sock" if inside else self.paths.node_socket(node.name),
             "http_listen": "127.0.0.1:9099",
-            "log_file": str(node_dir / "agent.log"),
+            "log_file": "/var/log/routed/agent.log" if inside else str(self.paths.agent_log(node.name)),
             "bgp": {"enabled": state.tor_kind != "static"},
         }
         if state.datastore == "kube":
@@ -141,6 +159,10 @@ class Lab:
         else:
             config["manifest_dir"] = str(self.paths.cluster_dir)
         self.paths.node_config(node.name).write_text(yaml.safe_dump(config, sort_keys=False))
+        conflist = {"cniVersion": "1.1.0", "name": pods.CNI_NETWORK_NAME,
+                    "plugins": [{"type": "routed-cni", "socketPath": self.paths.node_socket(node.name),
+                                 "logFile": str(node_dir / "log" / "cni.log")}]}
+        (node_dir / "config" / "10-routed.conflist").write_text(json.dumps(conflist, indent=1))
 
     def _start_routers(self, state: LabState) -> None:
         if state.tor_kind == "static":
@@ -189,7 +211,7 @@ class Lab:
             for node in state.nodes:
                 status = self.agent_status(node.name)
                 details.append(f"{node.name}: {status.get('reasons') if status else 'agent not answering'}")
-                details.append(pods.read_log_tail(self.paths.node_dir(node.name) / "agent.log", 10))
+                details.append(pods.read_log_tail(self.paths.agent_log(node.name), 10))
             raise LabError("agents not ready in time:\n" + "\n".join(details))
 
     def wait_routes(self, state: LabState, timeout: float = 30.0) -> bool:
@@ -249,7 +271,7 @@ class Lab:
         store.write(obj)  # the API object exists before the sandbox
         pod = pods.new_pod(self.name, meta["namespace"], meta["name"], node, manifests.container_ports(obj))
         try:
-            pods.create(self.paths, pod)
+            pods.create(self.paths, pod, state.runtime)
         except Exception:
             store.delete(obj)
             raise
@@ -272,13 +294,20 @@ class Lab:
                 key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
                 pod = state.pods.pop(key, None)
                 if pod is not None:
-                    pods.destroy(self.paths, pod)
+                    pods.destroy(self.paths, pod, state.runtime)
             if store.delete(obj):
                 done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} deleted")
             state.save(self.paths)
         return done
 
     # ---- views ---------------------------------------------------------------------------------------
+
+    def crictl(self, node: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+        state = self.state()
+        state.node(node)
+        if state.runtime != "containerd":
+            raise LabError("this lab runs no containerd (routed lab up --runtime containerd)")
+        return cri.NodeRuntime(self.paths, node).crictl(*args, check=False)
 
     def pod_netns(self, ref: str) -> str:
         state = self.state()
@@ -321,7 +350,8 @@ class Lab:
              "ports": [f"{x['port']}/{x['protocol']}" for x in p.ports]}
             for p in state.pods.values()
         ]
-        return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "nodes": nodes, "tors": tors,
+        return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "runtime": state.runtime,
+                "nodes": nodes, "tors": tors,
                 "pods": pod_rows}
 
     def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,

@@ -53,7 +53,7 @@ def netconf(paths: LabPaths, node: str) -> dict[str, Any]:
         "name": CNI_NETWORK_NAME,
         "type": "routed-cni",
         "socketPath": paths.node_socket(node),
-        "logFile": str(paths.node_dir(node) / "cni.log"),
+        "logFile": str(paths.node_dir(node) / "log" / "cni.log"),
     }
 
 
@@ -102,8 +102,24 @@ def new_pod(lab: str, namespace: str, name: str, node: str, ports: list[dict[str
     )
 
 
-def create(paths: LabPaths, pod: PodState) -> PodState:
-    """Sandbox namespace → CNI ADD → pod server. Undone on failure."""
+def server_args(pod: PodState) -> list[str]:
+    tcp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "TCP")
+    udp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "UDP")
+    return ["--name", pod.key, "--tcp", tcp, "--udp", udp]
+
+
+def create(paths: LabPaths, pod: PodState, runtime: str = "process") -> PodState:
+    """Sandbox namespace → CNI ADD → pod server. Undone on failure. The containerd runtime: a CRI sandbox
+    (containerd runs the CNI ADD) and the pod server as its container."""
+    if runtime == "containerd":
+        from routed.lab.cri import NodeRuntime
+
+        pod.sandbox_id, pod.ips = NodeRuntime(paths, pod.node).run_pod(pod.namespace, pod.name, pod.netns,
+                                                                       server_args(pod))
+        if not pod.ips:
+            destroy(paths, pod, runtime)
+            raise PodError(f"CRI sandbox for {pod.key} has no IP")
+        return pod
     netns.create(pod.netns)
     try:
         result = exec_cni("ADD", paths, pod.node, pod)
@@ -118,21 +134,28 @@ def create(paths: LabPaths, pod: PodState) -> PodState:
 
 
 def start_server(paths: LabPaths, pod: PodState) -> int:
-    tcp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "TCP")
-    udp = ",".join(str(p["port"]) for p in pod.ports if p["protocol"] == "UDP")
     log_dir = paths.pod_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{pod.namespace}_{pod.name}.log", "ab") as out:
         proc = subprocess.Popen(
-            netns.ns_cmd(pod.netns, [sys.executable, "-m", "routed.lab.podserver", "--name", pod.key,
-                                     "--tcp", tcp, "--udp", udp]),
+            netns.ns_cmd(pod.netns, [sys.executable, "-m", "routed.lab.podserver", *server_args(pod)]),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return proc.pid
 
 
-def destroy(paths: LabPaths, pod: PodState) -> None:
-    """CNI DEL (tolerant), stop the server, remove the namespace."""
+def destroy(paths: LabPaths, pod: PodState, runtime: str = "process") -> None:
+    """CNI DEL (tolerant), stop the server, remove the namespace. The containerd runtime: stop and remove the
+    sandbox (containerd runs the CNI DEL)."""
+    if runtime == "containerd":
+        from routed.lab.cri import CriError, NodeRuntime
+
+        try:
+            NodeRuntime(paths, pod.node).remove_pod(pod.sandbox_id, pod.netns)
+        except CriError as exc:
+            log.warning("removing sandbox of %s: %s", pod.key, exc)
+        pod.sandbox_id = ""
+        return
     try:
         exec_cni("DEL", paths, pod.node, pod)
     except (PodError, OSError, subprocess.TimeoutExpired, ValueError) as exc:

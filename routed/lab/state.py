@@ -37,10 +37,15 @@ class LabPaths:
         return self.root / "nodes" / node
 
     def node_socket(self, node: str) -> str:
-        return str(self.node_dir(node) / "agent.sock")
+        """The agent's local API as the host sees it (the containerd runtime mounts run/ as /var/run/routed)."""
+        return str(self.node_dir(node) / "run" / "agent.sock")
+
+    def agent_log(self, node: str) -> Path:
+        return self.node_dir(node) / "log" / "agent.log"
 
     def node_config(self, node: str) -> Path:
-        return self.node_dir(node) / "agent.yaml"
+        """The agent's config file (the containerd runtime mounts config/ as /etc/routed, like the ConfigMap)."""
+        return self.node_dir(node) / "config" / "agent.yaml"
 
     def agent_pid(self, node: str) -> Path:
         return self.node_dir(node) / "agent.pid"
@@ -80,6 +85,7 @@ class PodState:
     ips: list[str] = field(default_factory=list)
     server_pid: int = 0
     ports: list[dict[str, Any]] = field(default_factory=list)  # {"port", "protocol", "name"}
+    sandbox_id: str = ""  # the containerd runtime: the pod's CRI sandbox
 
     @property
     def key(self) -> str:
@@ -101,6 +107,7 @@ class LabState:
     tor_kind: str = "static"
     topology: str = "as-per-node"
     datastore: str = "manifest"  # manifest | kube
+    runtime: str = "process"  # process (agents as processes, pods by executing routed-cni) | containerd
     control_plane: dict[str, str] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
@@ -126,6 +133,7 @@ class LabState:
             tor_kind=data.get("tor_kind", "static"),
             topology=data.get("topology", "as-per-node"),
             datastore=data.get("datastore", "manifest"),
+            runtime=data.get("runtime", "process"),
             control_plane=data.get("control_plane", {}),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],

@@ -18,7 +18,7 @@ from routed.lab.errors import LabError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBE_TESTENV = REPO_ROOT / "scripts" / "kube-testenv"
-DEFAULT_IMAGE = "registry.invalid/routed-lab/podserver:1"
+DEFAULT_IMAGE = "routed-lab/podserver:1"  # scripts/build-image --pod (the containerd lab runs it)
 
 
 CUSTOM_RESOURCES = {

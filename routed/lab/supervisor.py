@@ -2,11 +2,15 @@
 
 Run detached by `routed lab up`: `python -m routed.lab.supervisor --lab NAME`. A crashed agent is
 restarted with a short backoff; SIGTERM stops the agents (SIGTERM, then SIGKILL after a grace period).
+The containerd runtime: the agent is a container of the node's `routed-<node>` pod (install-cni first, then
+the agent, as the DaemonSet says); an exited agent container is replaced by a new one (restartPolicy Always).
+A file `agent.hold` in the node's directory holds restarts back (tests stop the agent on purpose).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -46,7 +50,11 @@ class Supervisor:
     def __init__(self, lab: str) -> None:
         self.paths = LabPaths(lab)
         state = LabState.load(self.paths)
+        self.runtime = state.runtime
+        self.shared = [str(self.paths.cluster_dir)] if state.datastore != "kube" else [
+            str(self.paths.kube_dir / "pki"), *(str(self.paths.node_dir(n.name) / "kubeconfig") for n in state.nodes)]
         self.children = [Supervised(node=n.name, netns=n.netns) for n in state.nodes]
+        self.containers: dict[str, tuple[str, str, int]] = {}  # node -> (sandbox, agent container, attempt)
         self.stopping = False
 
     def _start(self, child: Supervised) -> None:
@@ -63,6 +71,9 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.runtime == "containerd":
+            self._run_containers()
+            return
         for child in self.children:
             self._start(child)
         while not self.stopping:
@@ -84,6 +95,60 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stopping = True
+
+    # -- the containerd runtime ---------------------------------------------------------------------
+    def _run_containers(self) -> None:
+        from routed.lab.cri import CriError, NodeRuntime
+
+        runtimes = {c.node: NodeRuntime(self.paths, c.node) for c in self.children}
+        while not self.stopping:
+            now = time.monotonic()
+            for child in self.children:
+                rt = runtimes[child.node]
+                if child.node not in self.containers:  # the agent pod itself (install-cni, then the agent)
+                    if now < child.next_start:
+                        continue
+                    try:
+                        sandbox, container = rt.start_agent(self.shared)
+                    except CriError as exc:
+                        delay = child.backoff.next_delay()
+                        child.next_start = now + delay
+                        log.error("cannot start the agent pod on %s (next try in %.1fs): %s", child.node, delay, exc)
+                        continue
+                    self.containers[child.node] = (sandbox, container, 0)
+                    self._note_pid(rt, child.node, container)
+                    log.info("agent container %s started on %s", container[:12], child.node)
+                    continue
+                sandbox, container, attempt = self.containers[child.node]
+                state, _ = rt.container_state(container)
+                if state == "CONTAINER_RUNNING" or (self.paths.node_dir(child.node) / "agent.hold").exists():
+                    continue
+                if now < child.next_start:
+                    continue
+                delay = child.backoff.next_delay()
+                child.next_start = now + delay
+                try:
+                    with contextlib.suppress(CriError):
+                        rt.crictl("rm", container, check=False)
+                    new = rt.start_agent_container(sandbox, self.shared, attempt + 1)
+                except CriError as exc:
+                    log.warning("cannot restart the agent on %s (next try in %.1fs): %s", child.node, delay, exc)
+                    continue
+                self.containers[child.node] = (sandbox, new, attempt + 1)
+                child.restarts += 1
+                self._note_pid(rt, child.node, new)
+                log.warning("agent container on %s was %s: started %s (restart %d)", child.node, state or "gone",
+                            new[:12], child.restarts)
+            time.sleep(0.2)
+        log.info("supervisor stopping (the agent containers stop with their containerd)")
+
+    def _note_pid(self, rt: object, node: str, container: str) -> None:
+        from routed.lab.cri import NodeRuntime
+
+        assert isinstance(rt, NodeRuntime)
+        _, pid = rt.container_state(container)
+        self.paths.agent_pid(node).write_text(str(pid))
+        (self.paths.node_dir(node) / "agent.container").write_text(container)
 
     def _stop_all(self) -> None:
         running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
