@@ -9,11 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from routed import netns
+from routed.backoff import Backoff
 from routed.constants import cni_shim_path
 from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, PodState
@@ -116,9 +118,13 @@ def create(paths: LabPaths, pod: PodState, runtime: str = "process") -> PodState
 
         pod.sandbox_id, pod.ips = NodeRuntime(paths, pod.node).run_pod(pod.namespace, pod.name, pod.netns,
                                                                        server_args(pod))
-        if not pod.ips:
+        try:
+            if not pod.ips:
+                raise PodError(f"CRI sandbox for {pod.key} has no IP")
+            wait_serving(pod)
+        except Exception:
             destroy(paths, pod, runtime)
-            raise PodError(f"CRI sandbox for {pod.key} has no IP")
+            raise
         return pod
     netns.create(pod.netns)
     try:
@@ -127,6 +133,7 @@ def create(paths: LabPaths, pod: PodState, runtime: str = "process") -> PodState
         if not pod.ips:
             raise PodError(f"CNI ADD for {pod.key} returned no IP: {result}")
         pod.server_pid = start_server(paths, pod)
+        wait_serving(pod, log_path=paths.pod_dir() / f"{pod.namespace}_{pod.name}.log")
     except Exception:
         destroy(paths, pod)
         raise
@@ -142,6 +149,34 @@ def start_server(paths: LabPaths, pod: PodState) -> int:
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     return proc.pid
+
+
+def listening_ports(pod_netns: str) -> set[tuple[str, int]]:
+    """(protocol, port) of every TCP listener and bound UDP socket in a pod's namespace."""
+    out = netns.ns_run(pod_netns, ["ss", "-H", "-l", "-n", "-t", "-u"]).stdout
+    bound = set()
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0] in ("tcp", "udp"):
+            bound.add((fields[0].upper(), int(fields[4].rsplit(":", 1)[1])))
+    return bound
+
+
+def wait_serving(pod: PodState, timeout: float = 30.0, log_path: Path | None = None) -> None:
+    """Return once the pod server listens on every TCP and UDP port the pod declares — the lab's readiness
+    probe: a pod is not handed to the caller (or the matrix) before it can answer."""
+    wanted = {(str(p["protocol"]), int(p["port"])) for p in pod.ports if p["protocol"] in ("TCP", "UDP")}
+    deadline = time.monotonic() + timeout
+    backoff = Backoff(base=0.01, cap=0.2, jitter=0.0)
+    while wanted:
+        missing = wanted - listening_ports(pod.netns)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            tail = read_log_tail(log_path) if log_path else ""
+            raise PodError(f"the pod server of {pod.key} does not listen on {sorted(missing)} after "
+                           f"{timeout:.0f} s" + (f"; its log ends:\n{tail}" if tail else ""))
+        backoff.wait()
 
 
 def destroy(paths: LabPaths, pod: PodState, runtime: str = "process") -> None:
