@@ -139,6 +139,30 @@ class BgpPeerStatus(TypedDict):
     maxPrefixExceeded: int
     md5: bool
     lastError: str
+    bfd: str  # BFD session state ("" when BFD is off for this peer)
+
+
+class BfdPeerStatus(TypedDict):
+    peer: str
+    state: str  # adminDown | down | init | up
+    remoteState: str
+    localDiscriminator: int
+    remoteDiscriminator: int
+    localDiag: str  # why the session last left Up (RFC 5880 §4.1 names)
+    remoteDiag: str
+    txIntervalMs: float  # negotiated: max(our desired min TX, the peer's required min RX)
+    detectionTimeMs: float  # negotiated: peer's multiplier x max(our required min RX, the peer's desired min TX)
+    configuredMinTxMs: int
+    configuredMinRxMs: int
+    multiplier: int
+    remoteMultiplier: int
+    sourcePort: int
+    since: float  # unix time of the last state change
+    ups: int
+    downs: int
+    packetsIn: int
+    packetsOut: int
+    sendErrors: int
 
 
 class BgpStatus(TypedDict):
@@ -152,10 +176,13 @@ class BgpStatus(TypedDict):
     communities: list[str]
     exabgpPid: int | None
     exabgpRestarts: int
+    exabgpReloads: int  # configuration reloads ExaBGP confirmed (peer changes that kept the other sessions)
     synced: bool  # every peer sent End-of-RIB (or the startup hold ended)
     errors: list[str]  # BGPPeer/BGPConfiguration objects that do not validate for this node
     updateError: str  # the last failed update ("" after a success)
     peers: list[BgpPeerStatus]
+    bfd: list[BfdPeerStatus]  # one per BGPPeer with bfd enabled
+    serviceRoutes: int  # Service prefixes announced (configured CIDRs and Service /32s)
     routesInstalled: int
     routeConflicts: list[str]
     routeErrors: dict[str, str]
@@ -177,6 +204,7 @@ class BgpRoute(TypedDict, total=False):
     accepted: bool  # received: passed the filters
     rejected: str  # received: why not
     sent: float  # advertised: when ExaBGP reported it sent
+    source: str  # advertised: what a Service prefix comes from ("Service ns/name", "serviceClusterIPs")
 
 
 # ---- the agent -----------------------------------------------------------------------------------

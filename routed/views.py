@@ -9,6 +9,7 @@ from typing import Any
 
 from routed.api_types import (
     AgentStatus,
+    BfdPeerStatus,
     BgpPeerStatus,
     BgpRoute,
     IpamShow,
@@ -66,9 +67,14 @@ def render_status(data: AgentStatus) -> str:
         out.append("BGP:        disabled")
     elif bgp["peers"]:
         out.append(f"BGP:        AS {bgp['asNumber']}, router ID {bgp['routerID']}, "
-                   f"{bgp['routesInstalled']} routes installed")
+                   f"{bgp['routesInstalled']} routes installed, {bgp.get('serviceRoutes', 0)} Service prefixes "
+                   "announced")
         out.append(table(peer_rows(bgp["peers"]), ["peer", "asn", "state", "since", "received", "advertised",
-                                                   "error"]).rstrip())
+                                                   "bfd", "error"]).rstrip())
+    if bgp.get("bfd"):
+        out.append("BFD:")
+        out.append(table(bfd_rows(bgp["bfd"]), ["peer", "state", "remote", "discriminators", "tx ms", "detect ms",
+                                                "since", "downs", "last diag"]).rstrip())
     return "\n".join(out) + "\n"
 
 
@@ -87,8 +93,19 @@ def peer_rows(peers: Sequence[BgpPeerStatus]) -> list[dict[str, Any]]:
     """BGP peers as the agent reports them, shaped for a table (like `calicoctl node status`)."""
     return [
         {"peer": p["address"], "asn": p["asNumber"], "state": p["state"], "since": _age(p["since"]),
-         "received": p["received"], "advertised": p["advertised"], "error": p["lastError"]}
+         "received": p["received"], "advertised": p["advertised"], "bfd": p.get("bfd", ""),
+         "error": p["lastError"]}
         for p in peers
+    ]
+
+
+def bfd_rows(sessions: Sequence[BfdPeerStatus]) -> list[dict[str, Any]]:
+    return [
+        {"peer": b["peer"], "state": b["state"], "remote": b["remoteState"],
+         "discriminators": f"{b['localDiscriminator']}/{b['remoteDiscriminator']}",
+         "tx ms": f"{b['txIntervalMs']:g}", "detect ms": f"{b['detectionTimeMs']:g}", "since": _age(b["since"]),
+         "downs": b["downs"], "last diag": b["localDiag"]}
+        for b in sessions
     ]
 
 
@@ -100,12 +117,15 @@ def render_ipam(data: IpamShow) -> str:
 def render_routes(rows: list[BgpRoute]) -> str:
     shaped = [
         {"peer": r.get("peer", ""), "prefix": r.get("prefix", ""), "next hop": r.get("nextHop", ""),
-         "AS path": r.get("asPath", []), "communities": r.get("communities", []),
+         "AS path": r.get("asPath", []), "communities": r.get("communities", []), "source": r.get("source", ""),
          "status": ("" if r.get("accepted", True) else f"rejected: {r.get('rejected', '')}")
          + (" (stale)" if r.get("stale") else "")}
         for r in rows
     ]
-    return table(shaped, ["peer", "prefix", "next hop", "AS path", "communities", "status"])
+    columns = ["peer", "prefix", "next hop", "AS path", "communities", "status"]
+    if any(row["source"] for row in shaped):
+        columns.insert(5, "source")
+    return table(shaped, columns)
 
 
 def render_explain(data: PolicyExplain) -> str:

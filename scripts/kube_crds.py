@@ -47,6 +47,14 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "communities": "Communities attached to the pod CIDR announcements ('asn:value' or 'a:b:c').",
         "acceptDefaultRoute": "Install a default route learned over BGP.",
         "nodeToNodeMesh": "Peer every node with every other node (iBGP/eBGP full mesh).",
+        "serviceClusterIPs": "Announce these CIDRs from every node, and Service ClusterIPs inside them as /32 "
+                             "(internalTrafficPolicy Local: only from nodes with a ready endpoint).",
+        "serviceExternalIPs": "Announce these CIDRs from every node, and Service externalIPs inside them as /32 "
+                              "(externalTrafficPolicy Local: only from nodes with a ready endpoint).",
+        "serviceLoadBalancerIPs": "Announce these CIDRs from every node, and status.loadBalancer.ingress IPs inside "
+                                  "them as /32 (externalTrafficPolicy Local: only from nodes with a ready endpoint).",
+        "serviceCommunities": "Communities added to Service announcements, per type (clusterIP, externalIP, "
+                              "loadBalancerIP).",
     },
     "BGPPeer": {
         "peerIP": "Address of the peer.",
@@ -57,6 +65,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "ebgpMultihop": "TTL of outgoing packets for multihop eBGP (exclusive with ttlSecurity).",
         "ttlSecurity": "GTSM: the peer is at most this many hops away.",
         "maxPrefixes": "Tear the session down when the peer sends more prefixes.",
+        "bfd": "BFD (RFC 5880/5881 single hop) for this session: present means enabled unless enabled is false; "
+               "BFD Down tears the BGP session down and removes its routes at once.",
     },
 }
 
@@ -170,6 +180,9 @@ def node_status_schema() -> dict[str, Any]:
         "properties": {
             "name": s, "address": s, "asNumber": i, "state": s, "since": s,
             "prefixesReceived": i, "prefixesSent": i,
+            "bfd": {"type": "object", "properties": {
+                "state": s, "remoteDiscriminator": i, "txIntervalMs": {"type": "number"},
+                "detectionTimeMs": {"type": "number"}, "lastDiag": s, "downs": i}},
         },
     }
     return {

@@ -23,13 +23,14 @@ from routed.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-BGP_KINDS = frozenset({"Node", "BGPPeer", "BGPConfiguration", "Secret"})
+BGP_KINDS = frozenset({"Node", "BGPPeer", "BGPConfiguration", "Secret", "Service", "EndpointSlice"})
 
 
 def disabled_status(node_name: str) -> BgpStatus:
     return BgpStatus(enabled=False, node=node_name, ready=True, reason="disabled", asNumber=None, routerID=None,
-                     podCIDRs=[], communities=[], exabgpPid=None, exabgpRestarts=0, synced=True, errors=[],
-                     updateError="", peers=[], routesInstalled=0, routeConflicts=[], routeErrors={})
+                     podCIDRs=[], communities=[], exabgpPid=None, exabgpRestarts=0, exabgpReloads=0, synced=True,
+                     errors=[], updateError="", peers=[], bfd=[], serviceRoutes=0, routesInstalled=0, routeConflicts=[],
+                     routeErrors={})
 
 
 class BgpComponent:
@@ -68,7 +69,8 @@ class BgpComponent:
             return  # nothing to speak for yet; the Node's arrival marks us dirty again
         await self.manager.update(BgpInputs(node=node, nodes=self.cache.nodes(), peers=self.cache.raw("BGPPeer"),
                                             configs=self.cache.raw("BGPConfiguration"),
-                                            secrets=self.cache.secrets()))
+                                            secrets=self.cache.secrets(), services=self.cache.raw("Service"),
+                                            endpoint_slices=self.cache.raw("EndpointSlice")))
 
     def resync(self) -> None:
         self.manager.resync()
@@ -90,9 +92,13 @@ class BgpComponent:
     def node_status(self) -> dict[str, Any]:
         """This component's part of the RoutedNodeStatus object (sessions, prefixes actually advertised)."""
         bgp = self.manager.status()
+        bfd = {b["peer"]: {"state": b["state"], "remoteDiscriminator": b["remoteDiscriminator"],
+                           "txIntervalMs": b["txIntervalMs"], "detectionTimeMs": b["detectionTimeMs"],
+                           "lastDiag": b["localDiag"], "downs": b["downs"]} for b in bgp["bfd"]}
         peers = [
             {"name": p["name"], "address": p["address"], "asNumber": p["asNumber"], "state": p["state"],
-             "since": str(p["since"] or ""), "prefixesReceived": p["received"], "prefixesSent": p["advertised"]}
+             "since": str(p["since"] or ""), "prefixesReceived": p["received"], "prefixesSent": p["advertised"],
+             **({"bfd": bfd[p["address"]]} if p["address"] in bfd else {})}
             for p in bgp["peers"]
         ]
         return {

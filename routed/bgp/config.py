@@ -19,6 +19,10 @@ reported by kind/name in `errors` and skipped, never taking the valid ones down 
       communities: ["65000:100"]
       acceptDefaultRoute: false
       nodeToNodeMesh: false
+      serviceClusterIPs: [{cidr: 10.96.0.0/12}]        # Service VIPs (routed/bgp/services.py): every node
+      serviceExternalIPs: [{cidr: 192.0.2.0/24}]       # announces these CIDRs, and /32s of Services inside
+      serviceLoadBalancerIPs: [{cidr: 198.51.100.0/24}]   # them (Local traffic policy: nodes with endpoints)
+      serviceCommunities: {loadBalancerIP: ["65000:300"]}
 
     kind: BGPPeer
     spec:
@@ -29,6 +33,8 @@ reported by kind/name in `errors` and skipped, never taking the valid ones down 
       ebgpMultihop: 2                  # TTL of outgoing packets (multihop eBGP)
       ttlSecurity: 1                   # GTSM: peer is at most this many hops away (exclusive with multihop)
       maxPrefixes: 1000
+      bfd: {enabled: true, minRxMs: 300, minTxMs: 300, multiplier: 3}   # RFC 5880/5881 single hop; the
+                                       # block's presence enables it, `enabled: false` keeps it off
 """
 
 from __future__ import annotations
@@ -37,11 +43,12 @@ import base64
 import binascii
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from routed.bgp.services import ServicePolicy
 from routed.errors import Code, RoutedError
 from routed.model import Node
 
@@ -68,6 +75,40 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class ServiceCidr(_Spec):
+    cidr: str
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        return str(ipaddress.ip_network(v, strict=False))
+
+
+class ServiceCommunities(_Spec):
+    """Communities per advertisement type, added to the `communities` of the pod CIDR."""
+
+    clusterIP: list[str] = Field(default_factory=list)
+    externalIP: list[str] = Field(default_factory=list)
+    loadBalancerIP: list[str] = Field(default_factory=list)
+
+    @field_validator("clusterIP", "externalIP", "loadBalancerIP")
+    @classmethod
+    def _valid(cls, v: list[str]) -> list[str]:
+        return _check_communities(v) or []
+
+
+def _check_communities(v: list[str] | None) -> list[str] | None:
+    for c in v or []:
+        m = _COMMUNITY.match(c)
+        if m and all(int(x) <= 65535 for x in m.groups()):
+            continue
+        m = _LARGE_COMMUNITY.match(c)
+        if m and all(int(x) <= _ASN_MAX for x in m.groups()):
+            continue
+        raise ValueError(f"community {c!r} is neither 'asn:value' (16-bit each) nor 'a:b:c' (large)")
+    return v
+
+
 class BGPConfigurationSpec(_Spec):
     asNumber: int | None = None
     nodeASNumbers: dict[str, int] = Field(default_factory=dict)
@@ -81,6 +122,10 @@ class BGPConfigurationSpec(_Spec):
     communities: list[str] | None = None
     acceptDefaultRoute: bool | None = None
     nodeToNodeMesh: bool | None = None
+    serviceClusterIPs: list[ServiceCidr] | None = None
+    serviceExternalIPs: list[ServiceCidr] | None = None
+    serviceLoadBalancerIPs: list[ServiceCidr] | None = None
+    serviceCommunities: ServiceCommunities | None = None
 
     @field_validator("asNumber")
     @classmethod
@@ -107,15 +152,7 @@ class BGPConfigurationSpec(_Spec):
     @field_validator("communities")
     @classmethod
     def _communities(cls, v: list[str] | None) -> list[str] | None:
-        for c in v or []:
-            m = _COMMUNITY.match(c)
-            if m and all(int(x) <= 65535 for x in m.groups()):
-                continue
-            m = _LARGE_COMMUNITY.match(c)
-            if m and all(int(x) <= _ASN_MAX for x in m.groups()):
-                continue
-            raise ValueError(f"community {c!r} is neither 'asn:value' (16-bit each) nor 'a:b:c' (large)")
-        return v
+        return _check_communities(v)
 
     @model_validator(mode="after")
     def _timers(self) -> BGPConfigurationSpec:
@@ -163,6 +200,13 @@ class LabelSelector(_Spec):
         return True
 
 
+class BfdSpec(_Spec):
+    enabled: bool = True
+    minRxMs: int = Field(300, ge=10, le=60_000)  # below 10 ms an asyncio agent cannot keep its promises
+    minTxMs: int = Field(300, ge=10, le=60_000)
+    multiplier: int = Field(3, ge=1, le=255)
+
+
 class BGPPeerSpec(_Spec):
     peerIP: str
     asNumber: int
@@ -172,6 +216,7 @@ class BGPPeerSpec(_Spec):
     ebgpMultihop: int | None = Field(None, ge=1, le=255)
     ttlSecurity: int | None = Field(None, ge=1, le=254)
     maxPrefixes: int | None = Field(None, ge=1)
+    bfd: BfdSpec | None = None
 
     @field_validator("peerIP")
     @classmethod
@@ -235,6 +280,13 @@ def parse_peer(obj: dict[str, Any]) -> tuple[str, BGPPeerSpec]:
 
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class BfdTimers:
+    min_rx_ms: int = 300
+    min_tx_ms: int = 300
+    multiplier: int = 3
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """One BGP neighbour of this node, fully resolved."""
 
@@ -246,6 +298,7 @@ class PeerConfig:
     ttl_security: int | None = None
     max_prefixes: int | None = None
     passive: bool = False  # wait for the peer to connect (node-to-node mesh: the higher address)
+    bfd: BfdTimers | None = None  # BFD on for this peer (routed/bgp/bfd_net.py), not part of ExaBGP's config
 
     @property
     def family(self) -> int:
@@ -266,6 +319,7 @@ class SpeakerConfig:
     local_addresses: tuple[str, ...] = ()
     peers: tuple[PeerConfig, ...] = ()
     listen: bool = False  # needed when a peer is passive on our side
+    services: ServicePolicy = field(default_factory=ServicePolicy)  # Service VIP advertisement (over the API)
 
     def peer(self, address: str) -> PeerConfig | None:
         for p in self.peers:
@@ -276,7 +330,7 @@ class SpeakerConfig:
     def session_key(self) -> tuple[Any, ...]:
         """What ExaBGP's config depends on (pod CIDRs and communities are announced over the API)."""
         return (self.asn, self.router_id, self.hold_time, self.keepalive, self.graceful_restart_time,
-                self.peers, self.listen, self.local_addresses)
+                tuple(replace(p, bfd=None) for p in self.peers), self.listen, self.local_addresses)
 
 
 @dataclass
@@ -321,6 +375,17 @@ def _node_asn(spec: BGPConfigurationSpec, node: Node) -> int:
     if spec.rackLabel and node.labels.get(spec.rackLabel) in spec.rackASNumbers:
         return spec.rackASNumbers[node.labels[spec.rackLabel]]
     return spec.asNumber or DEFAULT_ASN
+
+
+def _service_policy(spec: BGPConfigurationSpec) -> ServicePolicy:
+    comms = spec.serviceCommunities or ServiceCommunities()
+    return ServicePolicy(
+        cluster_ip_cidrs=tuple(c.cidr for c in spec.serviceClusterIPs or []),
+        external_ip_cidrs=tuple(c.cidr for c in spec.serviceExternalIPs or []),
+        load_balancer_ip_cidrs=tuple(c.cidr for c in spec.serviceLoadBalancerIPs or []),
+        communities={kind: tuple(v) for kind, v in (("clusterIP", comms.clusterIP), ("externalIP", comms.externalIP),
+                                                     ("loadBalancerIP", comms.loadBalancerIP)) if v},
+    )
 
 
 def _merged_spec(configs: list[dict[str, Any]], node_name: str, errors: list[str]) -> BGPConfigurationSpec:
@@ -395,6 +460,7 @@ def resolve(
         result[p.peerIP] = PeerConfig(
             address=p.peerIP, asn=p.asNumber, name=name, password=password, multihop=p.ebgpMultihop,
             ttl_security=p.ttlSecurity, max_prefixes=p.maxPrefixes,
+            bfd=BfdTimers(p.bfd.minRxMs, p.bfd.minTxMs, p.bfd.multiplier) if p.bfd and p.bfd.enabled else None,
         )
     listen = False
     if spec.nodeToNodeMesh:
@@ -430,5 +496,6 @@ def resolve(
         local_addresses=tuple(node.addresses),
         peers=tuple(sorted(result.values(), key=lambda p: p.address)),
         listen=listen,
+        services=_service_policy(spec),
     )
     return Resolution(cfg, errors)

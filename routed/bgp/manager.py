@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from routed import failpoints
 from routed.api_types import BgpRoute, BgpStatus
 from routed.backoff import Backoff
+from routed.bgp import bfd
+from routed.bgp.bfd_net import BfdPeer, BfdService
 from routed.bgp.config import Resolution, SpeakerConfig, resolve
+from routed.bgp.services import advertisements
 from routed.bgp.speaker import FAILURES_NOT_READY, Speaker
 from routed.config import BgpOptions
 from routed.errors import Code, RoutedError
@@ -44,6 +47,8 @@ class BgpInputs:
     peers: list[dict[str, Any]]
     configs: list[dict[str, Any]]
     secrets: dict[str, dict[str, Any]]  # "ns/name" -> Secret object
+    services: list[dict[str, Any]] = field(default_factory=list)
+    endpoint_slices: list[dict[str, Any]] = field(default_factory=list)
 
 
 class BgpManager:
@@ -66,6 +71,8 @@ class BgpManager:
         self.apply_errors = 0
         self.route_applies = 0
         self.installed: dict[str, frozenset[str]] = {}
+        self.bfd = BfdService(self._on_bfd_change, supervisor=self.supervisor)
+        self.bfd_error = ""
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,13 +101,41 @@ class BgpManager:
             self.errors = res.errors
             if res.config is not None and res.config != self.config:
                 self.speaker.configure(res.config)
+                self._configure_bfd(res.config)
                 self.config = res.config
                 self.startup_hold = float(min(max(res.config.graceful_restart_time, 10), DEFAULT_STARTUP_HOLD))
+            if self.config is not None:
+                self.speaker.set_service_routes(advertisements(
+                    inputs.node.name, self.config.services, inputs.services, inputs.endpoint_slices))
         except RoutedError as exc:
             raise BgpUpdateError(f"BGP update failed: {exc.msg}", exc.details) from exc
         except OSError as exc:
             raise BgpUpdateError(f"BGP update failed: {exc}") from exc
         self._last_inputs = inputs
+
+    def _configure_bfd(self, cfg: SpeakerConfig) -> None:
+        wanted = [BfdPeer(p.address, p.bfd.min_rx_ms, p.bfd.min_tx_ms, p.bfd.multiplier)
+                  for p in cfg.peers if p.bfd is not None]
+        try:
+            self.bfd.configure(wanted)
+            self.bfd_error = ""
+        except OSError as exc:  # UDP 3784 taken (another BFD daemon on the node?): raise, so update retries
+            self.bfd_error = f"BFD: {exc}"
+            raise
+        enabled = {p.address for p in wanted}
+        self.speaker.bfd_states = {a: s for a, s in self.speaker.bfd_states.items() if a in enabled}
+        for address in enabled:
+            self.speaker.bfd_states.setdefault(address, bfd.STATE_NAMES[bfd.DOWN])
+        for address in list(self.speaker.bfd_down_peers):
+            if address not in enabled:  # BFD switched off for it: its routes count again
+                self.speaker.bfd_up(address)
+
+    def _on_bfd_change(self, peer: str, old: int, new: int, diag: int) -> None:
+        self.speaker.bfd_states[peer] = bfd.STATE_NAMES[new]
+        if new == bfd.UP:
+            self.speaker.bfd_up(peer)
+        elif old == bfd.UP:
+            self.speaker.bfd_down(peer, bfd.DIAG_NAMES.get(diag, str(diag)))
 
     def resync(self) -> None:
         """The periodic resync: re-resolve on the next update and re-apply the learned routes to the kernel."""
@@ -108,6 +143,7 @@ class BgpManager:
         self.speaker.changed.set()
 
     async def stop(self, graceful: bool = True) -> None:
+        await self.bfd.stop()  # AdminDown first: the peers do not count our going away as a failure
         await self.speaker.stop(graceful=graceful)
         await self.supervisor.stop_task("bgp-routes")
         if graceful:
@@ -144,7 +180,7 @@ class BgpManager:
                 pass
             self.speaker.changed.clear()
             prune = self._check_synced()
-            desired = self.speaker.rib.desired()
+            desired = self.speaker.desired_routes()
             with liveness.busy("programming BGP routes"):
                 res = await self.routes.apply(desired, prune=prune)
             self.route_applies += 1
@@ -181,9 +217,10 @@ class BgpManager:
             enabled=True, node=self.node_name, ready=ok, reason=why, asNumber=cfg.asn if cfg else None,
             routerID=cfg.router_id if cfg else None, podCIDRs=list(cfg.pod_cidrs) if cfg else [],
             communities=list(cfg.communities) if cfg else [], exabgpPid=self.speaker.pid(),
-            exabgpRestarts=self.speaker.restarts, synced=self._synced, errors=list(self.errors), updateError="",
-            peers=[self.speaker.peer_status(st) for st in self.speaker.peers.values()],
-            routesInstalled=len(self.installed), routeConflicts=list(self.routes.last.conflicts),
+            exabgpRestarts=self.speaker.restarts, exabgpReloads=self.speaker.reloads, synced=self._synced,
+            errors=list(self.errors) + ([self.bfd_error] if self.bfd_error else []), updateError="",
+            peers=[self.speaker.peer_status(st) for st in self.speaker.peers.values()], bfd=self.bfd.status(),
+            serviceRoutes=len(self.speaker.service_routes), routesInstalled=len(self.installed), routeConflicts=list(self.routes.last.conflicts),
             routeErrors=dict(self.routes.last.errors),
         )
 
@@ -192,7 +229,9 @@ class BgpManager:
         peers = [peer] if peer else sorted(self.speaker.peers)
         out: list[BgpRoute] = []
         for p in peers:
-            out += self.speaker.out.advertised(p)
+            for route in self.speaker.out.advertised(p):
+                source = self.speaker.route_source(route.get("prefix", ""))
+                out.append({**route, "source": source} if source else route)
         return out
 
     def received(self, peer: str | None = None) -> list[BgpRoute]:
@@ -221,4 +260,11 @@ class BgpManager:
             "routed_bgp_routes_installed": len(self.installed),
             "routed_bgp_route_apply_errors_total": self.apply_errors,
             "routed_bgp_config_errors": len(self.errors),
+            "routed_bgp_service_prefixes": len(self.speaker.service_routes),
+            "routed_bfd_session_up": {st["peer"]: (1 if st["state"] == "up" else 0) for st in self.bfd.status()},
+            "routed_bfd_session_downs_total": {st["peer"]: st["downs"] for st in self.bfd.status()},
+            "routed_bfd_packets_received_total": self.bfd.counters["packets_in"],
+            "routed_bfd_packets_sent_total": self.bfd.counters["packets_out"],
+            "routed_bfd_packets_dropped_total": (self.bfd.counters["dropped_ttl"] + self.bfd.counters["dropped_invalid"]
+                                                 + self.bfd.counters["dropped_no_session"]),
         }

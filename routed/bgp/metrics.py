@@ -27,6 +27,12 @@ HELP = {
     "routed_bgp_routes_installed": "Kernel routes with the BGP protocol number",
     "routed_bgp_route_apply_errors_total": "Route table applies that had errors",
     "routed_bgp_config_errors": "BGPPeer/BGPConfiguration objects that failed validation for this node",
+    "routed_bgp_service_prefixes": "Service prefixes this node announces (configured CIDRs and Service /32s)",
+    "routed_bfd_session_up": "1 when the BFD session to the peer is Up",
+    "routed_bfd_session_downs_total": "BFD Up -> Down transitions per peer",
+    "routed_bfd_packets_received_total": "BFD control packets accepted (all sessions)",
+    "routed_bfd_packets_sent_total": "BFD control packets sent (all sessions)",
+    "routed_bfd_packets_dropped_total": "BFD packets dropped: TTL not 255, invalid, or no matching session",
 }
 
 

@@ -273,9 +273,12 @@ class Rib:
             out.append(d)
         return out
 
-    def desired(self) -> dict[str, frozenset[str]]:
+    def desired(self, exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, frozenset[str]]:
+        """prefix -> next hops of every accepted route, from every peer not in `exclude`."""
         hops: dict[str, set[str]] = {}
         for peer in self.peers:
+            if peer in exclude:
+                continue
             for lr, reason in self._evaluate(peer):
                 if not reason:
                     hops.setdefault(str(ipaddress.ip_network(lr.route.prefix, strict=False)), set()).add(

@@ -31,6 +31,7 @@ from routed.backoff import Backoff
 from routed.bgp import exabgp_conf
 from routed.bgp.config import PeerConfig, SpeakerConfig
 from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
+from routed.bgp.services import Advertisement
 from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,21 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # an ExaBGP that ran this long resets the backoff
 FAILURES_NOT_READY = 3
+RELOAD_ATTEMPTS = 3
+RELOAD_CONFIRM_SECONDS = 5.0
+RELOAD_CONFIRMED = "loaded new configuration successfully"
+CEASE_BFD_DOWN = 6  # NOTIFICATION Cease subcode "Other Configuration Change" (RFC 4486) when BFD says down
 
 
 def default_exabgp() -> str:
     return str(Path(sys.executable).parent / "exabgp")
+
+
+
+def restart_key(cfg: SpeakerConfig) -> tuple[object, ...]:
+    """What only a restart can change: the listening socket comes from ExaBGP's environment, not its config.
+    Everything else (peers added, removed or changed, timers, router id) goes through a reload."""
+    return (cfg.listen, cfg.local_addresses[:1] if cfg.listen else ())
 
 
 def child_command(argv: list[str]) -> list[str]:
@@ -99,6 +111,12 @@ class Speaker:
         self._writer: asyncio.StreamWriter | None = None
         self._server: asyncio.AbstractServer | None = None
         self._restart = asyncio.Event()
+        self._reload_wanted = asyncio.Event()
+        self._reload_done = asyncio.Event()
+        self.reloads = 0
+        self.bfd_down_peers: set[str] = set()  # BFD went Down: the session was torn down, its routes are not used
+        self.bfd_states: dict[str, str] = {}
+        self.service_routes: dict[str, Advertisement] = {}  # Service prefixes to announce (routed/bgp/services.py)  # peer -> BFD state name, for peers with BFD enabled
         self._stopping = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -114,6 +132,7 @@ class Speaker:
         self._server = await asyncio.start_unix_server(self._on_bridge, path=self.socket_path)
         os.chmod(self.socket_path, 0o600)
         self.supervisor.spawn("exabgp", self._supervise, required=True)
+        self.supervisor.spawn("exabgp-reload", self._reload, required=False)
 
     def _kill_leftover(self) -> None:
         """An ExaBGP of a previous run that survived (it should not: PDEATHSIG) — only if it is ours."""
@@ -150,6 +169,7 @@ class Speaker:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        await self.supervisor.stop_task("exabgp-reload")
         await self.supervisor.stop_task("exabgp")
         for t in list(self._tasks):
             t.cancel()
@@ -183,26 +203,75 @@ class Speaker:
                 st.asn, st.name = p.asn, p.name
         if old is None or old.session_key() != cfg.session_key():
             Path(self.conf_path).write_text(exabgp_conf.render(cfg, self.socket_path))
-            log.info("ExaBGP config written (%d peers); (re)starting ExaBGP", len(cfg.peers))
-            self._restart.set()
+            if old is not None and self.running and restart_key(old) == restart_key(cfg):
+                # peers added, removed or changed: ExaBGP's reload keeps every unchanged session up
+                log.info("ExaBGP config written (%d peers); reloading ExaBGP", len(cfg.peers))
+                self._reload_wanted.set()
+            else:
+                log.info("ExaBGP config written (%d peers); (re)starting ExaBGP", len(cfg.peers))
+                self._restart.set()
         else:
             self._sync_announcements()
         self.changed.set()
 
+    async def _reload(self, liveness: Liveness) -> None:
+        """The supervised task `exabgp-reload`: SIGUSR1 (ExaBGP re-reads its config, keeps unchanged peers and
+        re-establishes changed ones), then check that it took effect: ExaBGP logs "loaded new configuration
+        successfully" for each reload it performs, and drops a reload that arrives while it is busy, so an
+        unconfirmed one is sent again; after RELOAD_ATTEMPTS the speaker restarts ExaBGP instead."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            for attempt in range(1, RELOAD_ATTEMPTS + 1):
+                proc = self._proc
+                if proc is None or proc.returncode is not None:
+                    break  # it is being (re)started: the new process reads the new config
+                self._reload_done.clear()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)
+                try:
+                    await asyncio.wait_for(self._reload_done.wait(), RELOAD_CONFIRM_SECONDS)
+                except TimeoutError:
+                    log.warning("ExaBGP did not confirm reload %d/%d", attempt, RELOAD_ATTEMPTS)
+                    continue
+                self.reloads += 1
+                log.info("ExaBGP reloaded its configuration (%d peers)", len(self.cfg.peers) if self.cfg else 0)
+                break
+            else:
+                log.error("ExaBGP ignored %d reloads: restarting it", RELOAD_ATTEMPTS)
+                self._restart.set()
+
+    def set_service_routes(self, routes: dict[str, Advertisement]) -> None:
+        """The Service prefixes to announce from now on (announced and withdrawn over the API, per peer)."""
+        if routes != self.service_routes:
+            self.service_routes = routes
+            self._sync_announcements()
+
+    def route_source(self, prefix: str) -> str:
+        adv = self.service_routes.get(prefix)
+        if adv is None:
+            return ""
+        if adv.services:
+            return "Service " + ", ".join(adv.services)
+        return {"clusterIP": "serviceClusterIPs", "externalIP": "serviceExternalIPs",
+                "loadBalancerIP": "serviceLoadBalancerIPs"}.get(adv.kind, adv.kind)
+
     def desired_announcements(self, peer: PeerConfig) -> dict[str, str]:
         assert self.cfg is not None
         out: dict[str, str] = {}
-        std = [c for c in self.cfg.communities if c.count(":") == 1]
-        large = [c for c in self.cfg.communities if c.count(":") == 2]
-        for cidr in self.cfg.pod_cidrs:
-            if (":" in cidr) != (peer.family == 6):
+        wanted: list[tuple[str, tuple[str, ...]]] = [(cidr, self.cfg.communities) for cidr in self.cfg.pod_cidrs]
+        wanted += [(prefix, self.cfg.communities + adv.communities) for prefix, adv in sorted(self.service_routes.items())]
+        for prefix, communities in wanted:
+            if (":" in prefix) != (peer.family == 6):
                 continue
-            cmd = f"neighbor {peer.address} announce route {cidr} next-hop self"
+            std = [c for c in communities if c.count(":") == 1]
+            large = [c for c in communities if c.count(":") == 2]
+            cmd = f"neighbor {peer.address} announce route {prefix} next-hop self"
             if std:
                 cmd += f" community [ {' '.join(std)} ]"
             if large:
                 cmd += f" large-community [ {' '.join(large)} ]"
-            out[cidr] = cmd
+            out[prefix] = cmd
         return out
 
     @staticmethod
@@ -304,6 +373,8 @@ class Speaker:
             self._note_log(text)
 
     def _note_log(self, text: str) -> None:
+        if RELOAD_CONFIRMED in text:
+            self._reload_done.set()
         low = text.lower()
         for addr, st in self.peers.items():
             if addr in text and any(w in low for w in ("fail", "error", "refused", "timed out", "timeout",
@@ -384,6 +455,30 @@ class Speaker:
                 self.rib.announce(st.address, route, now)
             self.changed.set()
 
+    # -- BFD ------------------------------------------------------------------------------------
+    def bfd_down(self, address: str, diag: str) -> None:
+        """BFD declared the peer down: its learned routes go now (also stale ones kept for graceful restart:
+        the forwarding plane is what failed), the BGP session is torn down through ExaBGP's API, and routes
+        from this peer stay out of the kernel until BFD is Up again."""
+        self.bfd_down_peers.add(address)
+        self._cancel_timer(address)
+        self.rib.clear(address)
+        st = self.peers.get(address)
+        if st is not None:
+            st.last_error = f"BFD down ({diag})"
+            if st.state == "established":
+                self._send(f"neighbor {address} teardown {CEASE_BFD_DOWN}")
+        self.changed.set()
+
+    def bfd_up(self, address: str) -> None:
+        if address in self.bfd_down_peers:
+            self.bfd_down_peers.discard(address)
+            self.changed.set()
+
+    def desired_routes(self) -> dict[str, frozenset[str]]:
+        """Kernel routes from the RIB, leaving out peers that BFD holds down (ECMP siblings stay)."""
+        return self.rib.desired(exclude=self.bfd_down_peers)
+
     def _send_eor(self, st: PeerState) -> None:
         fam = "ipv6" if ":" in st.address else "ipv4"
         self._send(f"neighbor {st.address} announce eor {fam} unicast")
@@ -447,5 +542,5 @@ class Speaker:
             advertised=len(self.out.peers.get(st.address, {})), eorReceived=st.eor_received, eorSent=st.eor_sent,
             gracefulRestartTime=st.gr_time, maxPrefixes=pc.max_prefixes if pc else None,
             maxPrefixExceeded=self.rib.max_prefix_hits.get(st.address, 0), md5=bool(pc and pc.password),
-            lastError=error,
+            lastError=error, bfd=self.bfd_states.get(st.address, ""),
         )

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from routed.errors import Code, RoutedError
 
-# Kinds the agent watches. Secrets are read only from the agent's own namespace (BGP passwords).
+# Kinds the agent watches. Secrets are read only from the agent's own namespace (BGP passwords);
+# Services and EndpointSlices for Service VIP advertisement.
 KINDS: tuple[str, ...] = (
     "Node",
     "Namespace",
@@ -19,8 +20,10 @@ KINDS: tuple[str, ...] = (
     "BGPPeer",
     "BGPConfiguration",
     "Secret",
+    "Service",
+    "EndpointSlice",
 )
-NAMESPACED_KINDS: frozenset[str] = frozenset({"Pod", "NetworkPolicy", "Secret"})
+NAMESPACED_KINDS: frozenset[str] = frozenset({"Pod", "NetworkPolicy", "Secret", "Service", "EndpointSlice"})
 
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
 

@@ -128,6 +128,30 @@ def _trim_custom(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return trim
 
 
+SERVICE_SPEC_FIELDS = ("type", "clusterIP", "clusterIPs", "externalIPs", "externalTrafficPolicy",
+                       "internalTrafficPolicy", "selector", "ports")
+
+
+def trim_service(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("Service", "v1", obj, True)
+    spec = obj.get("spec") or {}
+    out["spec"] = {k: spec[k] for k in SERVICE_SPEC_FIELDS if spec.get(k) is not None}
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    out["status"] = {"loadBalancer": {"ingress": [{"ip": i["ip"]} for i in ingress if i.get("ip")]}}
+    return out
+
+
+def trim_endpoint_slice(obj: dict[str, Any]) -> dict[str, Any]:
+    out = _shell("EndpointSlice", "discovery.k8s.io/v1", obj, True)
+    out["addressType"] = obj.get("addressType", "")
+    out["endpoints"] = [
+        {"addresses": list(ep.get("addresses") or []), "nodeName": ep.get("nodeName") or "",
+         "conditions": {k: v for k, v in (ep.get("conditions") or {}).items() if v is not None}}
+        for ep in obj.get("endpoints") or []
+    ]
+    return out
+
+
 def trim_secret(obj: dict[str, Any]) -> dict[str, Any]:
     out = _shell("Secret", "v1", obj, True)
     out["type"] = obj.get("type", "")
@@ -242,6 +266,9 @@ class KubeDatastore(Datastore):
             KindSpec("BGPPeer", crd("bgppeers"), _trim_custom("BGPPeer"), optional=True),
             KindSpec("BGPConfiguration", crd("bgpconfigurations"), _trim_custom("BGPConfiguration"), optional=True),
             KindSpec("Secret", lambda **kw: core.list_namespaced_secret(ns, **kw), trim_secret),
+            KindSpec("Service", core.list_service_for_all_namespaces, trim_service),
+            KindSpec("EndpointSlice", k8s.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+                     trim_endpoint_slice),
         ]
 
     # -- run

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 HOLD_TIME = 9
 KEEPALIVE = 3
+BFD_TIMERS = {"minRxMs": 100, "minTxMs": 100, "multiplier": 3}  # 300 ms detection, both sides
 
 
 def _router(lab: Any, tor: TorState, state: LabState) -> Router:
@@ -27,6 +28,8 @@ def _router(lab: Any, tor: TorState, state: LabState) -> Router:
     router.asn = tor.asn
     router.router_id = tor.address
     router.neighbors = _neighbors(tor, state)
+    if state.bfd:
+        router.bfd = (BFD_TIMERS["multiplier"], BFD_TIMERS["minRxMs"], BFD_TIMERS["minTxMs"])
     return router
 
 
@@ -57,10 +60,12 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
     for node in state.nodes:
         for up in node.uplinks:
             tor = next(t for t in state.tors if t.name == up["tor"])
+            peer_spec: dict[str, Any] = {"peerIP": up["tor_address"], "asNumber": tor.asn, "node": node.name}
+            if state.bfd:
+                peer_spec["bfd"] = dict(BFD_TIMERS)
             objects.append({
                 "apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
-                "metadata": {"name": f"{node.name}-{tor.name}"},
-                "spec": {"peerIP": up["tor_address"], "asNumber": tor.asn, "node": node.name},
+                "metadata": {"name": f"{node.name}-{tor.name}"}, "spec": peer_spec,
             })
     return objects
 

@@ -22,6 +22,7 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--tor", choices=["frr", "bird", "gobgp", "static"], default="frr",
                     help="ToR router: a real BGP router (FRR by default), or static routes and no BGP")
     up.add_argument("--tors", type=int, choices=[1, 2], default=1, help="2: every node dual-homed (ECMP)")
+    up.add_argument("--bfd", action="store_true", help="BFD on every node-ToR session (FRR bfdd on the ToRs)")
     up.add_argument("--topology", choices=["as-per-node", "as-per-rack", "ibgp"], default="as-per-node")
     up.add_argument("--datastore", choices=["manifest", "kube"], default="manifest",
                     help="kube: a real kube-apiserver holds every object; agents use deploy/'s RBAC")
@@ -104,7 +105,7 @@ def run_lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_cmd == "up":
             lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology,
-                   datastore=args.datastore, runtime=args.runtime)
+                   datastore=args.datastore, runtime=args.runtime, bfd=args.bfd)
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":

@@ -21,7 +21,7 @@ import yaml
 
 from routed import api, netns
 from routed.errors import RoutedError
-from routed.lab import cri, manifests, pods, topology
+from routed.lab import cri, endpointslices, manifests, pods, topology
 from routed.lab.errors import LabError
 from routed.lab.state import LabPaths, LabState, PodState
 from routed.lab.store import ClusterStore, KubeStore, ManifestStore
@@ -72,13 +72,17 @@ class Lab:
         return LabState.load(self.paths)
 
     def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "frr", tors: int = 1,
-           topology_kind: str = "as-per-node", datastore: str = "manifest", runtime: str = "process") -> LabState:
+           topology_kind: str = "as-per-node", datastore: str = "manifest", runtime: str = "process",
+           bfd: bool = False) -> LabState:
         self.down(quiet=True)
         if runtime not in ("process", "containerd"):
             raise LabError(f"runtime {runtime!r}: process or containerd")
+        if bfd and tor != "frr":
+            raise LabError("--bfd needs FRR ToRs (--tor frr): the lab runs FRR's bfdd against the agents")
         images = cri.prepare() if runtime == "containerd" else {}
         state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor, datastore=datastore)
         state.runtime = runtime
+        state.bfd = bfd
         self.paths.root.mkdir(parents=True, exist_ok=True)
         state.save(self.paths)
         try:
@@ -237,6 +241,8 @@ class Lab:
             if obj["kind"] == "Pod":
                 continue
             store.write(obj)
+            if obj["kind"] == "Service":
+                state.services[f"{obj['metadata'].get('namespace') or 'default'}/{obj['metadata']['name']}"] = obj
             done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} configured")
         pods_to_apply = [obj for obj in objects if obj["kind"] == "Pod"]
         for obj in pods_to_apply:
@@ -252,8 +258,12 @@ class Lab:
             state.save(self.paths)  # every pod that was created is recorded, even if another one failed
             errors = [e for f in futures if (e := f.exception()) is not None]
             if errors:
+                done += endpointslices.sync(state, store)
+                state.save(self.paths)
                 raise errors[0]
             done += [f.result() for f in futures]
+        done += endpointslices.sync(state, store)
+        state.save(self.paths)
         return done
 
     def _apply_pod(self, state: LabState, store: ClusterStore, obj: dict[str, Any]) -> str:
@@ -266,10 +276,12 @@ class Lab:
         if existing is not None:
             if existing.node != node:
                 raise LabError(f"pod {key}: spec.nodeName cannot change ({existing.node} -> {node}); delete it first")
+            existing.labels = dict(meta.get("labels") or {})
             store.write(pods.pod_object_with_status(obj, existing))
             return f"pod/{key} configured"
         store.write(obj)  # the API object exists before the sandbox
         pod = pods.new_pod(self.name, meta["namespace"], meta["name"], node, manifests.container_ports(obj))
+        pod.labels = dict(meta.get("labels") or {})
         try:
             pods.create(self.paths, pod, state.runtime)
         except Exception:
@@ -295,9 +307,13 @@ class Lab:
                 pod = state.pods.pop(key, None)
                 if pod is not None:
                     pods.destroy(self.paths, pod, state.runtime)
+            if obj["kind"] == "Service":
+                state.services.pop(f"{obj['metadata'].get('namespace') or 'default'}/{obj['metadata']['name']}", None)
             if store.delete(obj):
                 done.append(f"{obj['kind'].lower()}/{obj['metadata']['name']} deleted")
             state.save(self.paths)
+        done += endpointslices.sync(state, store)
+        state.save(self.paths)
         return done
 
     # ---- views ---------------------------------------------------------------------------------------
@@ -344,6 +360,10 @@ class Lab:
                 from routed.lab.bgp_setup import router_sessions
 
                 entry["sessions"] = router_sessions(self, state, tor)
+            if state.bfd:
+                from routed.lab.bgp_setup import tor_router
+
+                entry["bfd"] = tor_router(self, state, tor.name).bfd_peers()
             tors.append(entry)
         pod_rows = [
             {"pod": p.key, "node": p.node, "ips": p.ips, "netns": p.netns,
@@ -351,7 +371,7 @@ class Lab:
             for p in state.pods.values()
         ]
         return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "runtime": state.runtime,
-                "nodes": nodes, "tors": tors,
+                "bfd": state.bfd, "nodes": nodes, "tors": tors,
                 "pods": pod_rows}
 
     def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,

@@ -10,6 +10,7 @@ route-reflector client with `next-hop-self` (FRR: `force`), as the ToR of a rout
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -31,6 +32,7 @@ from routed.netns import ns_cmd, ns_run
 log = logging.getLogger(__name__)
 
 FRR_DIR = "/usr/lib/frr"
+BFD_PROFILE = "lab"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Router:
         self.neighbors: list[Neighbor] = []
         self.graceful_restart = True
         self.ecmp = True
+        self.bfd: tuple[int, int, int] | None = None  # (detect multiplier, min rx ms, min tx ms): FRR only
         self._procs: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -152,6 +155,18 @@ class Router:
         """[{"peer": addr, "state": "Established" | ..., "asn": int}]"""
         raise NotImplementedError
 
+    def bfd_peers(self) -> list[dict[str, Any]]:
+        return []  # BFD runs on FRR ToRs only
+
+    def daemon_pids(self) -> dict[str, int]:
+        """PIDs of this instance's daemons from their pid files (they outlive the Router object)."""
+        out: dict[str, int] = {}
+        for name in sorted(os.listdir(self.workdir)) if os.path.isdir(self.workdir) else []:
+            if name.endswith(".pid"):
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(self.workdir, name)) as f:
+                    out[name[:-4]] = int(f.read().strip())
+        return out
+
     def established(self) -> set[str]:
         return {s["peer"] for s in self.sessions() if s["state"].lower() == "established"}
 
@@ -219,6 +234,8 @@ class FrrRouter(Router):
             lines.append(f" neighbor {n.address} advertisement-interval 0")
             if n.password:
                 lines.append(f" neighbor {n.address} password {n.password}")
+            if self.bfd:
+                lines.append(f" neighbor {n.address} bfd profile {BFD_PROFILE}")
         shared = Counter(n.asn for n in self.neighbors)
         for fam in ("ipv4", "ipv6"):
             members = [n for n in self.neighbors if _family(n.address) == (4 if fam == "ipv4" else 6)]
@@ -242,6 +259,22 @@ class FrrRouter(Router):
         lines += ["!", "line vty", "!"]
         return "\n".join(lines) + "\n"
 
+    def bfdd_config_text(self) -> str:
+        assert self.bfd is not None
+        mult, rx, tx = self.bfd
+        return "\n".join([
+            f"hostname {self.netns}", f"log file {os.path.join(self.workdir, 'bfdd.log')}", "!", "bfd",
+            f" profile {BFD_PROFILE}", f"  detect-multiplier {mult}", f"  receive-interval {rx}",
+            f"  transmit-interval {tx}", " !", "!", ""])
+
+    def bfd_peers(self) -> list[dict[str, Any]]:
+        """FRR's `show bfd peers json`: [{"peer", "status", "id", "remote-id", "diagnostic", ...}]."""
+        try:
+            data = json.loads(self.vtysh("show bfd peers json") or "[]")
+        except (RouterError, json.JSONDecodeError):
+            return []
+        return data if isinstance(data, list) else []
+
     def _start(self) -> None:
         conf = os.path.join(self.workdir, "bgpd.conf")
         zconf = os.path.join(self.workdir, "zebra.conf")
@@ -256,6 +289,14 @@ class FrrRouter(Router):
         self._spawn([os.path.join(FRR_DIR, "zebra"), *common, "-i", os.path.join(self.workdir, "zebra.pid"),
                      "-f", zconf], "zebra")
         self._wait_for(self._zserv)
+        if self.bfd:
+            bconf = os.path.join(self.workdir, "bfdd.conf")
+            with open(bconf, "w") as f:
+                f.write(self.bfdd_config_text())
+            os.chmod(bconf, 0o644)
+            self._spawn([os.path.join(FRR_DIR, "bfdd"), *common, "-i", os.path.join(self.workdir, "bfdd.pid"),
+                         "-f", bconf], "bfdd")
+            self._wait_for(os.path.join(self.workdir, "bfdd.vty"))
         self._spawn([os.path.join(FRR_DIR, "bgpd"), *common, "-i", os.path.join(self.workdir, "bgpd.pid"),
                      "-f", conf], "bgpd")
         self._wait_for(os.path.join(self.workdir, "bgpd.vty"))

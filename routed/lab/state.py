@@ -86,6 +86,7 @@ class PodState:
     server_pid: int = 0
     ports: list[dict[str, Any]] = field(default_factory=list)  # {"port", "protocol", "name"}
     sandbox_id: str = ""  # the containerd runtime: the pod's CRI sandbox
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -109,9 +110,12 @@ class LabState:
     datastore: str = "manifest"  # manifest | kube
     runtime: str = "process"  # process (agents as processes, pods by executing routed-cni) | containerd
     control_plane: dict[str, str] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
+    bfd: bool = False  # BFD between every node and its ToRs (FRR bfdd on the ToRs, the agent's BFD on the nodes)
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
     pods: dict[str, PodState] = field(default_factory=dict)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ns/name" -> the Service as applied
+    endpoint_slices: dict[str, dict[str, Any]] = field(default_factory=dict)  # Service key -> slice written
 
     def node(self, name: str) -> NodeState:
         for node in self.nodes:
@@ -135,9 +139,12 @@ class LabState:
             datastore=data.get("datastore", "manifest"),
             runtime=data.get("runtime", "process"),
             control_plane=data.get("control_plane", {}),
+            bfd=bool(data.get("bfd", False)),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],
             pods={k: PodState(**p) for k, p in data.get("pods", {}).items()},
+            services=data.get("services", {}),
+            endpoint_slices=data.get("endpoint_slices", {}),
         )
 
     @classmethod

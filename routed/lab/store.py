@@ -95,8 +95,8 @@ class KubeStore:
             for container in (body.get("spec") or {}).get("containers") or []:
                 container.setdefault("image", DEFAULT_IMAGE)
         self.kubectl("apply", "-f", "-", stdin=json.dumps(body))
-        if obj["kind"] == "Node" and obj.get("status"):
-            self.write_status(obj, obj["status"])
+        if obj["kind"] in ("Node", "Service") and obj.get("status"):
+            self.write_status(obj, obj["status"])  # a LoadBalancer's IP lives in status, as a controller sets it
 
     def read(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         proc = self.kubectl("get", *self._ref(obj), "-o", "json", check=False)

@@ -84,7 +84,8 @@ def test_initial_sync(runner: DatastoreRunner, ns: str) -> None:
     assert ("Namespace", "routed-system") in keys and ("Namespace", ns) in keys
     assert ("Pod", f"routed-system/routed-{NODE}") in keys
     stats = runner.ds.stats()
-    assert set(stats) == {"Node", "Namespace", "Pod", "NetworkPolicy", "BGPPeer", "BGPConfiguration", "Secret"}
+    assert set(stats) == {"Node", "Namespace", "Pod", "NetworkPolicy", "BGPPeer", "BGPConfiguration", "Secret",
+                          "Service", "EndpointSlice"}
     run_and_expect(lambda: all_watching(runner), bool, 10).check("all watches open")
     # Trimmed: no managedFields, no foreign annotations.
     pod = next(e.obj for e in runner.snapshot() if e.key == f"routed-system/routed-{NODE}")
@@ -141,6 +142,32 @@ def test_pod_events(runner: DatastoreRunner, admin: k8s.ApiClient, ns: str) -> N
     core.delete_namespaced_pod("web-1", ns, grace_period_seconds=0)
     runner.wait_event(mark, "DELETED", "Pod", key)
     assert key not in runner.ds.state("Pod")
+
+
+def test_service_and_endpoint_slice_events(runner: DatastoreRunner, admin: k8s.ApiClient, ns: str) -> None:
+    core = k8s.CoreV1Api(admin)
+    disc = k8s.DiscoveryV1Api(admin)
+    mark = runner.mark()
+    core.create_namespaced_service(ns, {"metadata": {"name": "lb"}, "spec": {
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "selector": {"app": "web"},
+        "ports": [{"port": 80, "targetPort": 8080}]}})
+    ev = runner.wait_event(mark, "ADDED", "Service", f"{ns}/lb")
+    assert ev.obj["spec"]["externalTrafficPolicy"] == "Local" and ev.obj["spec"]["clusterIPs"]
+    mark = runner.mark()
+    core.patch_namespaced_service_status("lb", ns, {"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}})
+    ev = runner.wait_event(mark, "MODIFIED", "Service", f"{ns}/lb")
+    assert ev.obj["status"]["loadBalancer"]["ingress"] == [{"ip": "198.51.100.9"}]
+    mark = runner.mark()
+    disc.create_namespaced_endpoint_slice(ns, {
+        "metadata": {"name": "lb-abc", "labels": {"kubernetes.io/service-name": "lb"}}, "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.2.9"], "nodeName": OTHER_NODE, "conditions": {"ready": True}}]})
+    ev = runner.wait_event(mark, "ADDED", "EndpointSlice", f"{ns}/lb-abc")
+    assert ev.obj["metadata"]["labels"]["kubernetes.io/service-name"] == "lb"
+    assert ev.obj["endpoints"] == [{"addresses": ["10.244.2.9"], "nodeName": OTHER_NODE,
+                                    "conditions": {"ready": True}}]
+    mark = runner.mark()
+    core.delete_namespaced_service("lb", ns)
+    runner.wait_event(mark, "DELETED", "Service", f"{ns}/lb")
 
 
 def test_secrets_only_own_namespace(runner: DatastoreRunner, admin: k8s.ApiClient, ns: str) -> None:

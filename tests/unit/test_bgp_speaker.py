@@ -159,3 +159,87 @@ def test_prometheus_collector():
     assert 'routed_bgp_peer_established{peer="10.1.1.1"} 1.0' in text
     assert "routed_bgp_exabgp_starts_total 2.0" in text
     assert 'routed_bgp_peer_max_prefix_exceeded_total{peer="p"} 3.0' in text
+
+
+def test_peer_changes_reload_a_running_exabgp_and_listen_changes_restart_it(tmp_path):
+    class Running:
+        returncode = None
+        pid = 4242
+
+    async def run():
+        sp = speaker(tmp_path)
+        sp._proc = Running()  # type: ignore[assignment]
+        sp._restart.clear()
+        two = PEERS + [{"kind": "BGPPeer", "metadata": {"name": "tor2"}, "spec": {"peerIP": "10.1.2.1", "asNumber": 65200}}]
+        sp.configure(resolve(NODE, [NODE], two, CONFIGS, {}).config)
+        assert sp._reload_wanted.is_set() and not sp._restart.is_set()  # the tor session stays up
+        assert "10.1.2.1" in open(sp.conf_path).read() and set(sp.peers) == {"10.1.1.1", "10.1.2.1"}
+        sp._reload_wanted.clear()
+        sp.configure(resolve(NODE, [NODE], PEERS, CONFIGS, {}).config)  # and removed again: a reload too
+        assert sp._reload_wanted.is_set() and not sp._restart.is_set() and set(sp.peers) == {"10.1.1.1"}
+        mesh = [{"kind": "BGPConfiguration", "metadata": {"name": "default"},
+                 "spec": {"asNumber": 65001, "nodeToNodeMesh": True}}]
+        other = Node(name="n2", pod_cidrs=("10.244.2.0/24",), addresses=("10.1.0.9",))  # lower: n1 listens
+        sp.configure(resolve(NODE, [NODE, other], PEERS, mesh, {}).config)  # now it must listen: a restart
+        assert sp._restart.is_set()
+
+    asyncio.run(run())
+
+
+def test_bfd_down_drops_even_graceful_restart_routes_and_tears_the_session_down(tmp_path):
+    async def run():
+        sp = speaker(tmp_path)
+        sp.handle(msg(type="open", direction="receive",
+                      open={"capabilities": {"64": {"name": "graceful restart", "time": 120}}}), 0.5)
+        sp.handle(msg(type="state", state="up"), 1.0)
+        sp.handle(upd(announce=["10.244.2.0/24"]), 1.1)
+        sp.handle(msg(type="state", state="down", reason="closing connection"), 2.0)  # GR would keep them
+        assert set(sp.desired_routes()) == {"10.244.2.0/24"}
+        sp.handle(msg(type="state", state="up"), 3.0)
+        sp.handle(upd(announce=["10.244.2.0/24"]), 3.1)
+        sp._writer.lines.clear()
+        sp.bfd_down("10.1.1.1", "controlDetectionTimeExpired")
+        assert sp.desired_routes() == {} and "10.1.1.1" not in sp._timers
+        assert sp._writer.lines == ["neighbor 10.1.1.1 teardown 6"]
+        # the session comes back before BFD does: what it sends stays out of the kernel until BFD is Up
+        sp.handle(msg(type="state", state="up"), 4.0)
+        sp.handle(upd(announce=["10.244.2.0/24"]), 4.1)
+        assert sp.desired_routes() == {} and set(sp.rib.desired()) == {"10.244.2.0/24"}
+        sp.bfd_up("10.1.1.1")
+        assert set(sp.desired_routes()) == {"10.244.2.0/24"}
+    asyncio.run(run())
+
+
+def test_bfd_block_parsed_and_kept_out_of_exabgps_config():
+    def peers(bfd):
+        spec = {"peerIP": "10.1.1.1", "asNumber": 65100, **({"bfd": bfd} if bfd is not None else {})}
+        return [{"kind": "BGPPeer", "metadata": {"name": "tor"}, "spec": spec}]
+
+    plain = resolve(NODE, [NODE], peers(None), CONFIGS, {}).config
+    on = resolve(NODE, [NODE], peers({"minRxMs": 100}), CONFIGS, {}).config
+    off = resolve(NODE, [NODE], peers({"enabled": False}), CONFIGS, {}).config
+    assert plain.peers[0].bfd is None and off.peers[0].bfd is None
+    assert (on.peers[0].bfd.min_rx_ms, on.peers[0].bfd.min_tx_ms, on.peers[0].bfd.multiplier) == (100, 300, 3)
+    assert on.session_key() == plain.session_key()  # a BFD change never reloads ExaBGP
+    bad = resolve(NODE, [NODE], peers({"minTxMs": 1, "multiplier": 0}), CONFIGS, {})
+    assert bad.config.peers == () and any("bfd.minTxMs" in e and "bfd.multiplier" in e for e in bad.errors), bad.errors
+
+
+def test_service_prefixes_announced_and_withdrawn_over_the_api(tmp_path):
+    from routed.bgp.services import Advertisement
+
+    async def run():
+        sp = speaker(tmp_path)
+        sp.handle(msg(type="state", state="up"), 1.0)
+        sp._writer.lines.clear()
+        vip = Advertisement("198.51.100.5/32", "loadBalancerIP", ("demo/web",), ("65000:300",))
+        sp.set_service_routes({vip.prefix: vip})
+        assert sp._writer.lines == ["neighbor 10.1.1.1 announce route 198.51.100.5/32 next-hop self "
+                                    "community [ 65000:100 65000:300 ]"]
+        assert sp.route_source("198.51.100.5/32") == "Service demo/web"
+        sp._writer.lines.clear()
+        sp.set_service_routes({vip.prefix: vip})  # the same set again: nothing sent
+        assert sp._writer.lines == []
+        sp.set_service_routes({})
+        assert sp._writer.lines == ["neighbor 10.1.1.1 withdraw route 198.51.100.5/32 next-hop self"]
+    asyncio.run(run())
