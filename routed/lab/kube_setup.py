@@ -21,6 +21,7 @@ API_PORT = 16443
 AGENT_NAMESPACE = "routed-system"
 AGENT_SERVICE_ACCOUNT = "routed"
 TOKEN_DURATION = "48h"
+NODE_KUBECONFIG = "node-components.kubeconfig"
 
 
 def _store(lab: Any, state: LabState) -> KubeStore:
@@ -41,7 +42,20 @@ def start_control_plane(lab: Any, state: LabState) -> None:
     store.kubectl("apply", "-k", str(REPO_ROOT / "deploy"))
     store.kubectl("wait", "--for=condition=established", "--timeout=60s",
                   "crd/bgppeers.routed.dev", "crd/bgpconfigurations.routed.dev", "crd/routednodestatuses.routed.dev")
+    write_node_kubeconfig(lab, state)
     log.info("kube-apiserver up at https://%s:%d", ctl["address"], API_PORT)
+
+
+def write_node_kubeconfig(lab: Any, state: LabState) -> str:
+    """The admin kubeconfig pointed at the control plane's address, as the node components (kube-proxy) reach it
+    from the node namespaces (admin.kubeconfig names 127.0.0.1, which is the control plane's own loopback)."""
+    config = yaml.safe_load((lab.paths.kube_dir / "admin.kubeconfig").read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = f"https://{state.control_plane['address']}:{API_PORT}"
+    path = lab.paths.kube_dir / NODE_KUBECONFIG
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return str(path)
 
 
 def agent_kubeconfig(lab: Any, state: LabState, node: str) -> str:

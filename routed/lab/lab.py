@@ -339,6 +339,8 @@ class Lab:
                 return tor.netns
         if ref == "ctl" and state.control_plane:
             return state.control_plane["netns"]
+        if ref == "ext" and state.external:
+            return state.external["netns"]
         raise LabError(f"no node, ToR or pod called {ref!r}")
 
     def status(self) -> dict[str, Any]:
@@ -373,6 +375,19 @@ class Lab:
         return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "runtime": state.runtime,
                 "bfd": state.bfd, "nodes": nodes, "tors": tors,
                 "pods": pod_rows}
+
+    def probe_external(self, ip: str, port: int, protocol: str = "TCP", timeout: float = 1.0) -> dict[str, Any]:
+        """One probe from the client outside the cluster (behind ToR 1): {"allowed", "server", "client_seen"}."""
+        state = self.state()
+        if not state.external:
+            raise LabError("this lab has no external client (made by an older routed)")
+        request = json.dumps({"targets": [{"to": ip, "ip": ip, "port": port, "protocol": protocol}],
+                              "timeout": timeout})
+        proc = subprocess.run(netns.ns_cmd(state.external["netns"], [sys.executable, "-m", "routed.lab.probe"]),
+                              input=request, capture_output=True, text=True, timeout=timeout * 4 + 30)
+        if proc.returncode != 0:
+            raise LabError(f"probe from the external client failed: {proc.stderr.strip()}")
+        return dict(json.loads(proc.stdout)["results"][0])
 
     def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,
                timeout: float = 1.0) -> list[dict[str, Any]]:

@@ -110,6 +110,7 @@ class LabState:
     datastore: str = "manifest"  # manifest | kube
     runtime: str = "process"  # process (agents as processes, pods by executing routed-cni) | containerd
     control_plane: dict[str, str] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
+    external: dict[str, str] = field(default_factory=dict)  # the client outside the cluster: {"netns", "address", ...}
     bfd: bool = False  # BFD between every node and its ToRs (FRR bfdd on the ToRs, the agent's BFD on the nodes)
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
@@ -139,6 +140,7 @@ class LabState:
             datastore=data.get("datastore", "manifest"),
             runtime=data.get("runtime", "process"),
             control_plane=data.get("control_plane", {}),
+            external=data.get("external", {}),
             bfd=bool(data.get("bfd", False)),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],

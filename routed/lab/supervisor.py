@@ -1,4 +1,5 @@
-"""Keeps one `routed agent` running per lab node, as kubelet keeps a DaemonSet pod running.
+"""Keeps one `routed agent` running per lab node, as kubelet keeps a DaemonSet pod running; in the kube lab
+(process runtime) also one real kube-proxy per node (iptables mode, in the node's namespace), restarted alike.
 
 Run detached by `routed lab up`: `python -m routed.lab.supervisor --lab NAME`. A crashed agent is
 restarted with a short backoff; SIGTERM stops the agents (SIGTERM, then SIGKILL after a grace period).
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from routed.backoff import Backoff
 from routed.lab.state import LabPaths, LabState
@@ -32,6 +34,7 @@ STOP_GRACE_SECONDS = 10.0
 class Supervised:
     node: str
     netns: str
+    kind: str = "agent"  # agent | kube-proxy
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -46,6 +49,22 @@ def agent_command(paths: LabPaths, node: str, netns_name: str) -> list[str]:
     ]
 
 
+def kube_proxy_command(paths: LabPaths, node: str, netns_name: str) -> list[str]:
+    """kube-proxy as on a node, confined to the node's namespace: the conntrack tunables it would write are
+    global to the kernel, so every one of them is left alone (0 = do not set)."""
+    from routed.lab.kube_setup import NODE_KUBECONFIG
+    from routed.lab.store import kube_bindir
+
+    return [
+        "ip", "netns", "exec", netns_name, str(Path(kube_bindir()) / "kube-proxy"),
+        "--kubeconfig", str(paths.kube_dir / NODE_KUBECONFIG), "--hostname-override", node,
+        "--proxy-mode", "iptables", "--cluster-cidr", "10.244.0.0/16",
+        "--conntrack-max-per-core", "0", "--conntrack-min", "0",
+        "--conntrack-tcp-timeout-established", "0", "--conntrack-tcp-timeout-close-wait", "0",
+        "--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "127.0.0.1:10256", "--v", "1",
+    ]
+
+
 class Supervisor:
     def __init__(self, lab: str) -> None:
         self.paths = LabPaths(lab)
@@ -54,19 +73,20 @@ class Supervisor:
         self.shared = [str(self.paths.cluster_dir)] if state.datastore != "kube" else [
             str(self.paths.kube_dir / "pki"), *(str(self.paths.node_dir(n.name) / "kubeconfig") for n in state.nodes)]
         self.children = [Supervised(node=n.name, netns=n.netns) for n in state.nodes]
+        if state.datastore == "kube" and state.runtime == "process":
+            self.children += [Supervised(node=n.name, netns=n.netns, kind="kube-proxy") for n in state.nodes]
         self.containers: dict[str, tuple[str, str, int]] = {}  # node -> (sandbox, agent container, attempt)
         self.stopping = False
 
     def _start(self, child: Supervised) -> None:
-        log_path = self.paths.node_dir(child.node) / "agent.stdout"
+        log_path = self.paths.node_dir(child.node) / f"{child.kind}.stdout"
+        command = (agent_command if child.kind == "agent" else kube_proxy_command)(self.paths, child.node, child.netns)
         with open(log_path, "ab") as out:
-            child.proc = subprocess.Popen(
-                agent_command(self.paths, child.node, child.netns), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+            child.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()
-        self.paths.agent_pid(child.node).write_text(str(child.proc.pid))
-        log.info("started agent for %s (pid %d, restarts %d)", child.node, child.proc.pid, child.restarts)
+        if child.kind == "agent":
+            self.paths.agent_pid(child.node).write_text(str(child.proc.pid))
+        log.info("started %s for %s (pid %d, restarts %d)", child.kind, child.node, child.proc.pid, child.restarts)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -84,7 +104,7 @@ class Supervisor:
                     if now - child.started_at > 30:
                         child.backoff.reset()
                     delay = child.backoff.next_delay()
-                    log.warning("agent for %s exited with %s; restarting in %.1fs", child.node, code, delay)
+                    log.warning("%s for %s exited with %s; restarting in %.1fs", child.kind, child.node, code, delay)
                     child.proc = None
                     child.next_start = now + delay
                 if child.proc is None and now >= child.next_start:

@@ -26,6 +26,8 @@ def node_name(index: int) -> str:
 
 
 CONTROL_PLANE = {"ifname": "eth0", "address": "10.10.0.1", "tor_ifname": "ctl", "tor_address": "10.10.0.0"}
+# a host outside the cluster behind ToR 1 (reaches Service VIPs the nodes announce)
+EXTERNAL_CLIENT = {"ifname": "eth0", "address": "10.10.250.1", "tor_ifname": "ext", "tor_address": "10.10.250.0"}
 
 
 def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor_kind: str = "static",
@@ -37,6 +39,7 @@ def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor
     state = LabState(lab=lab, tor_kind=tor_kind, topology=topology, datastore=datastore)
     if datastore == "kube":  # the API server lives in its own namespace behind ToR 1, like a control-plane host
         state.control_plane = {**CONTROL_PLANE, "netns": f"rtd-{lab}-ctl", "tor": "tor1"}
+    state.external = {**EXTERNAL_CLIENT, "netns": f"rtd-{lab}-ext", "tor": "tor1"}
     for k in range(tors):
         state.tors.append(
             TorState(name=f"tor{k + 1}", netns=f"rtd-{lab}-tor{k + 1}", asn=TOR_ASN + k if topology != "ibgp" else TOR_ASN,
@@ -104,14 +107,15 @@ def build(state: LabState) -> None:
             for up in gateways:
                 hops += ["nexthop", "via", up["tor_address"], "dev", up["ifname"]]
             netns.run(["ip", "-n", node.netns, "route", "add", "default", *hops])
-    if state.control_plane:
-        ctl = state.control_plane
-        tor = next(t for t in state.tors if t.name == ctl["tor"])
-        netns.create(ctl["netns"])
-        netns.veth(ctl["netns"], ctl["ifname"], tor.netns, ctl["tor_ifname"])
-        netns.run(["ip", "-n", ctl["netns"], "addr", "add", f"{ctl['address']}/31", "dev", ctl["ifname"]])
-        netns.run(["ip", "-n", tor.netns, "addr", "add", f"{ctl['tor_address']}/31", "dev", ctl["tor_ifname"]])
-        netns.run(["ip", "-n", ctl["netns"], "route", "add", "default", "via", ctl["tor_address"]])
+    for host in (state.control_plane, state.external):
+        if not host:
+            continue
+        tor = next(t for t in state.tors if t.name == host["tor"])
+        netns.create(host["netns"])
+        netns.veth(host["netns"], host["ifname"], tor.netns, host["tor_ifname"])
+        netns.run(["ip", "-n", host["netns"], "addr", "add", f"{host['address']}/31", "dev", host["ifname"]])
+        netns.run(["ip", "-n", tor.netns, "addr", "add", f"{host['tor_address']}/31", "dev", host["tor_ifname"]])
+        netns.run(["ip", "-n", host["netns"], "route", "add", "default", "via", host["tor_address"]])
     if state.tor_kind == "static":
         install_static_routes(state)
 
