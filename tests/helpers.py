@@ -104,3 +104,13 @@ def holds_for(fn: Callable[[], Any], expected: Any, seconds: float, interval: fl
         if time.monotonic() >= deadline:
             return Outcome(True, last)
         time.sleep(interval)
+
+
+def apply_objects(lab: Any, tmp_path: Any, name: str, *objects: dict[str, Any]) -> str:
+    """Write objects to tmp_path/name as one YAML file and `lab.apply` it; returns the path (for `lab.delete`)."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump_all(objects))
+    lab.apply(str(path))
+    return str(path)

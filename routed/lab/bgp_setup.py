@@ -88,3 +88,10 @@ def router_sessions(lab: Any, state: LabState, tor: TorState) -> list[dict[str, 
 
 def tor_router(lab: Any, state: LabState, tor_name: str) -> Router:
     return _router(lab, next(t for t in state.tors if t.name == tor_name), state)
+
+
+def advertise_services(lab: Any, spec: dict[str, Any]) -> None:
+    """Merge Service advertisement fields (serviceLoadBalancerIPs, ...) into the lab's BGPConfiguration."""
+    config = bgp_objects(lab.state())[0]
+    config["spec"] |= spec
+    lab.store().write(config)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from routed.lab.bgp_setup import bgp_objects
+from routed.lab.bgp_setup import advertise_services
 from routed.lab.lab import Lab
 from routed.lab.routers import kernel_routes
-from tests.helpers import run_and_expect
+from tests.helpers import apply_objects, run_and_expect
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.kube, pytest.mark.topo]
 LB_RANGE = "198.51.100.0/24"
@@ -41,28 +41,17 @@ def lab():
     lab = Lab("tkvip")
     try:
         lab.up(nodes=2, tor="frr", datastore="kube")
-        config = bgp_objects(lab.state())[0]
-        config["spec"] |= {"serviceLoadBalancerIPs": [{"cidr": LB_RANGE}]}
-        lab.store().write(config)
+        advertise_services(lab, {"serviceLoadBalancerIPs": [{"cidr": LB_RANGE}]})
         yield lab
     finally:
         lab.down(quiet=True)
-
-
-def apply(lab: Lab, tmp_path, name: str, *objects: dict) -> str:
-    import yaml
-
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump_all(objects))
-    lab.apply(str(path))
-    return str(path)
 
 
 def test_external_client_reaches_the_load_balancer_ip_and_policy_applies(lab, tmp_path):
     state = lab.state()
     client = state.external["address"]
     node2 = state.node("node2")
-    apply(lab, tmp_path, "vip.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
+    apply_objects(lab, tmp_path, "vip.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}},
           SERVICE, POD)
     run_and_expect(lambda: {r["prefix"]: sorted(r["nexthops"]) for r in kernel_routes(state.tors[0].netns)}.get(
         f"{VIP}/32"), [node2.address], timeout=30).check("the ToR routes the LB IP to node2 only")
@@ -70,6 +59,6 @@ def test_external_client_reaches_the_load_balancer_ip_and_policy_applies(lab, tm
         "the external client reaches the LB IP (kube-proxy DNAT on node2)")
     assert answer["server"] == "demo/vip-1"
     assert answer["client_seen"] == client  # Local: no SNAT, the pod sees the client
-    apply(lab, tmp_path, "deny.yaml", deny_client(client))
+    apply_objects(lab, tmp_path, "deny.yaml", deny_client(client))
     run_and_expect(lambda: lab.probe_external(VIP, 80)["allowed"], False, timeout=30).check(
         "a NetworkPolicy denying the external client blocks it")

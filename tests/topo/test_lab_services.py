@@ -4,13 +4,12 @@ announce it (externalTrafficPolicy Local: nodes with a ready endpoint; Cluster: 
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from routed import api
-from routed.lab.bgp_setup import bgp_objects
+from routed.lab.bgp_setup import advertise_services
 from routed.lab.lab import Lab
 from routed.lab.routers import kernel_routes
-from tests.helpers import run_and_expect
+from tests.helpers import apply_objects, run_and_expect
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.topo]
 LB_RANGE = "198.51.100.0/24"
@@ -22,20 +21,11 @@ def lab():
     lab = Lab("tsvc")
     try:
         lab.up(nodes=2, tor="frr")
-        config = bgp_objects(lab.state())[0]
-        config["spec"] |= {"serviceLoadBalancerIPs": [{"cidr": LB_RANGE}],
-                           "serviceCommunities": {"loadBalancerIP": ["65000:300"]}}
-        lab.store().write(config)
+        advertise_services(lab, {"serviceLoadBalancerIPs": [{"cidr": LB_RANGE}],
+                                 "serviceCommunities": {"loadBalancerIP": ["65000:300"]}})
         yield lab
     finally:
         lab.down(quiet=True)
-
-
-def apply(lab: Lab, tmp_path, name: str, *objects: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump_all(objects))
-    lab.apply(str(path))
-    return str(path)
 
 
 def service(policy: str) -> dict:
@@ -71,18 +61,18 @@ def test_load_balancer_ip_follows_the_ready_endpoints(lab, tmp_path):
     addr = {n.name: n.address for n in state.nodes}
     both = sorted(addr.values())
     run_and_expect(lambda: tor_hops(lab, LB_RANGE), both, timeout=30).check("every node announces the LB range")
-    apply(lab, tmp_path, "svc.yaml", service("Local"))
-    pod2 = apply(lab, tmp_path, "pod2.yaml", pod("vip-2", "node2"))
+    apply_objects(lab, tmp_path, "svc.yaml", service("Local"))
+    pod2 = apply_objects(lab, tmp_path, "pod2.yaml", pod("vip-2", "node2"))
     expect_hops(lab, [addr["node2"]], "Local: the /32 only via the node with the endpoint")
     advertised = api.call(lab.paths.node_socket("node2"), "bgp.advertised")
     vip_route = next(r for r in advertised if r["prefix"] == f"{VIP}/32")
     assert vip_route["source"] == "Service demo/web-lb" and "65000:300" in vip_route["communities"]
     assert api.call(lab.paths.node_socket("node2"), "bgp.status")["serviceRoutes"] == 2  # the range and the /32
-    pod1 = apply(lab, tmp_path, "pod1.yaml", pod("vip-1", "node1"))
+    pod1 = apply_objects(lab, tmp_path, "pod1.yaml", pod("vip-1", "node1"))
     expect_hops(lab, both, "endpoints on both: ECMP")
     lab.delete(pod1)
     lab.delete(pod2)
     expect_hops(lab, [], "no endpoint left: withdrawn")
-    apply(lab, tmp_path, "svc-cluster.yaml", service("Cluster"))
+    apply_objects(lab, tmp_path, "svc-cluster.yaml", service("Cluster"))
     expect_hops(lab, both, "Cluster: via every node")
     assert tor_hops(lab, LB_RANGE) == both
