@@ -220,7 +220,8 @@ class BgpManager:
             exabgpRestarts=self.speaker.restarts, exabgpReloads=self.speaker.reloads, synced=self._synced,
             errors=list(self.errors) + ([self.bfd_error] if self.bfd_error else []), updateError="",
             peers=[self.speaker.peer_status(st) for st in self.speaker.peers.values()], bfd=self.bfd.status(),
-            serviceRoutes=len(self.speaker.service_routes), routesInstalled=len(self.installed), routeConflicts=list(self.routes.last.conflicts),
+            serviceRoutes=len(self.speaker.service_routes), routesInstalled=len(self.installed),
+            routeConflicts=list(self.routes.last.conflicts),
             routeErrors=dict(self.routes.last.errors),
         )
 
@@ -245,6 +246,8 @@ class BgpManager:
         """Flat metric name → value, or name → {label value: value} for per-peer metrics."""
         sp = self.speaker
         per_state = {a: (1 if st.state == "established" else 0) for a, st in sp.peers.items()}
+        bfd_sessions = self.bfd.status()
+        bfd_counts = self.bfd.counters
         return {
             "routed_bgp_ready": 1 if self.ready()[0] else 0,
             "routed_bgp_sessions_established": sum(per_state.values()),
@@ -261,10 +264,9 @@ class BgpManager:
             "routed_bgp_route_apply_errors_total": self.apply_errors,
             "routed_bgp_config_errors": len(self.errors),
             "routed_bgp_service_prefixes": len(self.speaker.service_routes),
-            "routed_bfd_session_up": {st["peer"]: (1 if st["state"] == "up" else 0) for st in self.bfd.status()},
-            "routed_bfd_session_downs_total": {st["peer"]: st["downs"] for st in self.bfd.status()},
-            "routed_bfd_packets_received_total": self.bfd.counters["packets_in"],
-            "routed_bfd_packets_sent_total": self.bfd.counters["packets_out"],
-            "routed_bfd_packets_dropped_total": (self.bfd.counters["dropped_ttl"] + self.bfd.counters["dropped_invalid"]
-                                                 + self.bfd.counters["dropped_no_session"]),
+            "routed_bfd_session_up": {b["peer"]: (1 if b["state"] == "up" else 0) for b in bfd_sessions},
+            "routed_bfd_session_downs_total": {b["peer"]: b["downs"] for b in bfd_sessions},
+            "routed_bfd_packets_received_total": bfd_counts["packets_in"],
+            "routed_bfd_packets_sent_total": bfd_counts["packets_out"],
+            "routed_bfd_packets_dropped_total": sum(v for k, v in bfd_counts.items() if k.startswith("dropped_")),
         }

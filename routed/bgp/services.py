@@ -29,6 +29,8 @@ KIND_CLUSTER_IP = "clusterIP"
 KIND_EXTERNAL_IP = "externalIP"
 KIND_LOAD_BALANCER_IP = "loadBalancerIP"
 KINDS = (KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER_IP)
+CONFIG_FIELDS = {KIND_CLUSTER_IP: "serviceClusterIPs", KIND_EXTERNAL_IP: "serviceExternalIPs",
+                 KIND_LOAD_BALANCER_IP: "serviceLoadBalancerIPs"}  # the BGPConfiguration allow-list per type
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

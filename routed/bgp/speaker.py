@@ -31,7 +31,7 @@ from routed.backoff import Backoff
 from routed.bgp import exabgp_conf
 from routed.bgp.config import PeerConfig, SpeakerConfig
 from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
-from routed.bgp.services import Advertisement
+from routed.bgp.services import CONFIG_FIELDS, Advertisement
 from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ class Speaker:
         self._reload_done = asyncio.Event()
         self.reloads = 0
         self.bfd_down_peers: set[str] = set()  # BFD went Down: the session was torn down, its routes are not used
-        self.bfd_states: dict[str, str] = {}
-        self.service_routes: dict[str, Advertisement] = {}  # Service prefixes to announce (routed/bgp/services.py)  # peer -> BFD state name, for peers with BFD enabled
+        self.bfd_states: dict[str, str] = {}  # peer -> BFD state name, for peers with BFD enabled
+        self.service_routes: dict[str, Advertisement] = {}  # Service prefixes to announce (routed/bgp/services.py)
         self._stopping = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -253,8 +253,7 @@ class Speaker:
             return ""
         if adv.services:
             return "Service " + ", ".join(adv.services)
-        return {"clusterIP": "serviceClusterIPs", "externalIP": "serviceExternalIPs",
-                "loadBalancerIP": "serviceLoadBalancerIPs"}.get(adv.kind, adv.kind)
+        return CONFIG_FIELDS.get(adv.kind, adv.kind)
 
     def desired_announcements(self, peer: PeerConfig) -> dict[str, str]:
         assert self.cfg is not None
