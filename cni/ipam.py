@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from cni.names import attachment_key
-from routed.api_types import IpamAllocation, IpamShow
+from routed.api_types import IpamAllocation, IpamPool, IpamShow
 from routed.errors import Code, RoutedError
 
 log = logging.getLogger(__name__)
@@ -238,4 +238,11 @@ class Ipam:
                 for ip, owner in doc["allocations"].items()
             ]
         allocations.sort(key=lambda a: (ipaddress.ip_address(a["ip"]).version, ipaddress.ip_address(a["ip"])))
-        return IpamShow(cidrs=list(cidrs), allocations=allocations)
+        taken = {ipaddress.ip_address(a["ip"]) for a in allocations}
+        pools = []
+        for cidr in cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            lo, hi = _usable_range(net)
+            pools.append(IpamPool(cidr=str(net), family=net.version, size=max(0, hi - lo + 1),
+                                  allocated=len(self._held_in(net, taken))))
+        return IpamShow(cidrs=list(cidrs), pools=pools, allocations=allocations)

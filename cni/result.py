@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-POD_GATEWAY_V4 = "169.254.1.1"
+POD_GATEWAY_V4 = "169.254.1.1"  # answered by proxy ARP on the host veth
+POD_GATEWAY_V6 = "fe80::1"  # a fixed link-local address on every host veth (cni/wiring.py)
+
+
+def pod_gateway(version: int) -> str:
+    return POD_GATEWAY_V4 if version == 4 else POD_GATEWAY_V6
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,10 @@ def _iface(version: str, iface: Interface) -> dict[str, Any]:
 
 
 def _ip_entry(version: str, address: str, index: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {"address": address, "interface": index}
+    family = ipaddress.ip_interface(address).version
+    entry: dict[str, Any] = {"address": address, "gateway": pod_gateway(family), "interface": index}
     if version == "0.4.0":
-        entry["version"] = str(ipaddress.ip_interface(address).version)
+        entry["version"] = str(family)
     return entry
 
 
@@ -70,10 +76,7 @@ def build_add_result(
     for address in addresses:
         iface = ipaddress.ip_interface(address)
         ips.append(_ip_entry(version, str(iface), pod_index))
-        if iface.version == 4:
-            routes.append({"dst": "0.0.0.0/0", "gw": POD_GATEWAY_V4})
-        else:
-            routes.append({"dst": "::/0"})
+        routes.append({"dst": "0.0.0.0/0" if iface.version == 4 else "::/0", "gw": pod_gateway(iface.version)})
     result: dict[str, Any] = {"cniVersion": version, "interfaces": interfaces, "ips": ips}
     if routes:
         result["routes"] = routes

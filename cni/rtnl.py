@@ -27,6 +27,7 @@ IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP = 1, 3  # indexes of /proc/sys/n
 NDTA_NAME, NDTA_PARMS = 1, 6
 NDTPA_IFINDEX, NDTPA_PROXY_DELAY = 1, 13
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02  # no duplicate address detection: the address is usable at once (pod /128, host fe80::1)
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -158,10 +159,13 @@ class Rtnl:
         self.request(RTM_SETNEIGHTBL, 0, body)
 
     # -- addresses and routes --------------------------------------------------------------------
-    def add_addr(self, index: int, ip: str, prefixlen: int) -> None:
+    def add_addr(self, index: int, ip: str, prefixlen: int, nodad: bool = False) -> None:
+        """Add `ip/prefixlen` (scope from the address: link for fe80::/10); nodad skips IPv6 DAD."""
         addr = ipaddress.ip_address(ip)
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
-        body = _IFADDRMSG.pack(family, prefixlen, 0, RT_SCOPE_UNIVERSE, index) + _attr(IFA_LOCAL, addr.packed)
+        scope = RT_SCOPE_LINK if addr.version == 6 and addr.is_link_local else RT_SCOPE_UNIVERSE
+        flags = IFA_F_NODAD if nodad and addr.version == 6 else 0
+        body = _IFADDRMSG.pack(family, prefixlen, flags, scope, index) + _attr(IFA_LOCAL, addr.packed)
         if addr.version == 4:
             body += _attr(IFA_ADDRESS, addr.packed)
         self.request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)

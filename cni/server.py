@@ -61,7 +61,6 @@ class CniService:
         self._key_locks: dict[str, list[Any]] = {}  # key -> [asyncio.Lock, users]
         self._in_flight: dict[str, tuple[str, str]] = {}  # attachment key -> (containerId, ifname) with an ADD under way (GC leaves them alone)
         self._pending_deletes: dict[str, asyncio.Task[None]] = {}  # host veth -> its deferred deletion
-        self._warned_cidrs: set[str] = set()
         self._started = False
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -117,9 +116,12 @@ class CniService:
         if not self._started:
             return False, "CNI service not started"
         if not self._wired_cidrs():
-            return False, f"node {self.node_name} has no (IPv4) pod CIDR yet"
-        if not wiring.ipv4_forwarding():
-            return False, "IPv4 forwarding is off on this node (net.ipv4.ip_forward=0): pods could not reach off the node"
+            return False, f"node {self.node_name} has no pod CIDR yet"
+        for version in sorted({ipaddress.ip_network(c, strict=False).version for c in self._wired_cidrs()}):
+            if not wiring.ip_forwarding(version):
+                setting = "net.ipv4.ip_forward" if version == 4 else "net.ipv6.conf.all.forwarding"
+                return False, (f"IPv{version} forwarding is off on this node ({setting}=0): "
+                               "pods could not reach off the node")
         try:
             self.ipam.check_usable()
         except (IpamError, OSError) as exc:
@@ -234,15 +236,8 @@ class CniService:
             self._in_flight.pop(key, None)
 
     def _wired_cidrs(self) -> list[str]:
-        """The node's pod CIDRs of the IP families the wiring supports (IPv6 CIDRs are skipped, with a warning)."""
-        cidrs = []
-        for cidr in self.pod_cidrs():
-            if ipaddress.ip_network(cidr, strict=False).version in wiring.WIRED_FAMILIES:
-                cidrs.append(cidr)
-            elif cidr not in self._warned_cidrs:
-                self._warned_cidrs.add(cidr)
-                log.warning("pod CIDR %s: IPv6 pod wiring is not implemented yet, pods get no address from it", cidr)
-        return cidrs
+        """The node's pod CIDRs (spec.podCIDRs: one per family, IPv4 and/or IPv6)."""
+        return list(self.pod_cidrs())
 
     async def _undo_add(
         self,

@@ -1,9 +1,19 @@
 """Kernel work for one pod attachment (routed veth, Calico-style), with pyroute2. Blocking: call from threads.
 
-Pod side (in CNI_NETNS): veth end named CNI_IFNAME, MTU, the pod IP as /32 (/128), a scope-link route to
-169.254.1.1 and the default route via it. Host side (the current netns, i.e. the node): veth `rtd<hash>`,
-proxy_arp=1, proxy_delay=0, forwarding=1, /32 route to the pod (protocol ROUTE_PROTO_LOCAL). Blackhole routes for the node's pod
-CIDR(s) (same protocol). Each call opens its own short-lived netlink handles (≈1 ms), so calls are thread-safe.
+Pod side (in CNI_NETNS): veth end named CNI_IFNAME, MTU, each pod IP as /32 or /128 (IPv6 without DAD, so it
+is usable at once); IPv4: a scope-link route to 169.254.1.1 and the default route via it; IPv6: the default
+route via fe80::1 on the veth. Host side (the current netns, i.e. the node): veth `rtd<hash>`, proxy_arp=1,
+proxy_delay=0, forwarding=1 (IPv4), the fixed link-local fe80::1/64 without DAD when the pod has an IPv6
+address, and a /32 (/128) route per pod IP (protocol ROUTE_PROTO_LOCAL). Blackhole routes for the node's pod
+CIDR(s) (same protocol).
+
+IPv6 gateway: a fixed link-local address on the host side rather than the veth's generated one read back
+after the link comes up: it is known before the link exists (the CNI result and every pod say the same
+fe80::1), it needs no wait for DAD or for the kernel's address generation, and it does not change when the
+host veth is re-created by a repair. The pod's neighbour solicitation for fe80::1 is answered by the host
+veth itself (no proxy NDP); the host resolves the pod's /128 on the veth by ordinary neighbour discovery.
+Node prerequisites, as for kube-proxy: net.ipv4.ip_forward=1 and, with IPv6 pods, net.ipv6.conf.all.forwarding=1.
+Each call opens its own short-lived netlink handles (≈1 ms), so calls are thread-safe.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from cni.names import is_host_veth_name
 from cni.netnsfd import NetnsGone, netlink_socket_in, open_netns
-from cni.result import POD_GATEWAY_V4, Interface
+from cni.result import POD_GATEWAY_V4, POD_GATEWAY_V6, Interface
 from cni.rtnl import IPV4_DEVCONF_FORWARDING, IPV4_DEVCONF_PROXY_ARP, Rtnl, RtnlError
 from routed.constants import ROUTE_PROTO_LOCAL
 from routed.errors import Code, RoutedError
@@ -35,7 +45,7 @@ RT_SCOPE_NOWHERE = 255  # in a delete request: match any scope (what `ip route d
 RTN_UNICAST = 1
 RTN_BLACKHOLE = 6
 DEFAULT_MTU = 1500
-WIRED_FAMILIES = (4,)  # IP versions add_endpoint can configure today (IPv6: addresses/routes shaped, not wired)
+GATEWAY_V6_PREFIXLEN = 64
 
 
 class WiringError(RoutedError):
@@ -160,13 +170,27 @@ def configure_host_side(rtnl: Rtnl, index: int) -> None:
     rtnl.set_arp_proxy_delay(index, 0)
 
 
-def ipv4_forwarding() -> bool:
-    """The node forwards IPv4 (net.ipv4.ip_forward; a node prerequisite, as for kube-proxy): replies from the
-    fabric to pods are forwarded by the uplink's setting, which only the node's owner should change."""
+def ip_forwarding(version: int) -> bool:
+    """The node forwards this IP family (net.ipv4.ip_forward, net.ipv6.conf.all.forwarding; node prerequisites,
+    as for kube-proxy): replies from the fabric to pods are forwarded by the uplink's setting, which only the
+    node's owner should change."""
+    path = "/proc/sys/net/ipv4/ip_forward" if version == 4 else "/proc/sys/net/ipv6/conf/all/forwarding"
     try:
-        return open("/proc/sys/net/ipv4/ip_forward").read().strip() == "1"
+        return open(path).read().strip() == "1"
     except OSError:
         return True  # cannot tell: do not block on it
+
+
+def host_gateways_v6() -> set[int]:
+    """Indexes of the links in the current netns holding the pods' IPv6 gateway fe80::1."""
+    with host_handle() as ipr:
+        return {int(a["index"]) for a in ipr.get_addr(family=10) or []
+                if a.get_attr("IFA_ADDRESS") == POD_GATEWAY_V6}
+
+
+def add_gateway_v6(rtnl: Rtnl, index: int) -> None:
+    with contextlib.suppress(RtnlError):  # EEXIST: already there
+        rtnl.add_addr(index, POD_GATEWAY_V6, GATEWAY_V6_PREFIXLEN, nodad=True)
 
 
 def host_side_drift(host_name: str) -> list[str]:
@@ -189,12 +213,16 @@ def repair_host_side(endpoints: Iterable[tuple[str, Sequence[str]]]) -> list[str
     differs; returns what it restored (empty when the kernel already matched)."""
     veths = host_veths()
     have = set(local_pod_routes())
+    gateways_v6 = host_gateways_v6()
     repaired: list[str] = []
     host = thread_rtnl()
     for host_name, ips in endpoints:
         index = veths.get(host_name)
         if index is None:
             continue  # the veth itself is gone (the pod's netns went): a DEL or GC cleans up
+        if index not in gateways_v6 and any(":" in ip for ip in ips):
+            add_gateway_v6(host, index)
+            repaired.append(f"address {POD_GATEWAY_V6}/{GATEWAY_V6_PREFIXLEN} dev {host_name}")
         for ip in ips:
             if (f"{ip}/{_host_len(ip)}", index) not in have:
                 host.route("replace", ip, _host_len(ip), oif=index, scope=RT_SCOPE_LINK, proto=ROUTE_PROTO_LOCAL)
@@ -254,6 +282,8 @@ def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str
             raise WiringError(f"host veth {host_name} vanished right after creation")
         host_idx, host_mac = host_link
         configure_host_side(host, host_idx)
+        if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
+            host.add_addr(host_idx, POD_GATEWAY_V6, GATEWAY_V6_PREFIXLEN, nodad=True)
         with Rtnl(netlink_socket_in(nsfd)) as pod:
             pod_link = pod.get_link(ifname)
             if pod_link is None:
@@ -261,12 +291,12 @@ def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str
             pod_idx, pod_mac = pod_link
             pod.set_up(pod_idx)
             for ip in ips:
-                pod.add_addr(pod_idx, ip, _host_len(ip))
+                pod.add_addr(pod_idx, ip, _host_len(ip), nodad=True)
                 if ipaddress.ip_address(ip).version == 4:
                     pod.route("add", POD_GATEWAY_V4, 32, oif=pod_idx, scope=RT_SCOPE_LINK)
                     pod.route("add", "0.0.0.0", 0, oif=pod_idx, gateway=POD_GATEWAY_V4)
-                else:  # IPv6: default via the host veth's link-local (fe80::1 style gateway to come)
-                    raise WiringError("IPv6 pod wiring is not implemented yet")
+                else:  # the host veth's fixed link-local is on-link by definition
+                    pod.route("add", "::", 0, oif=pod_idx, gateway=POD_GATEWAY_V6)
         for ip in ips:
             host.route(
                 "replace", ip, _host_len(ip), oif=host_idx, scope=RT_SCOPE_LINK, proto=ROUTE_PROTO_LOCAL
@@ -330,6 +360,10 @@ def check_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[s
             proxy = "?"
         if proxy != "1":
             raise CheckError(f"proxy_arp is {proxy} on {host_name}, want 1")
+        if any(ipaddress.ip_address(ip).version == 6 for ip in ips) and not any(
+            a.get_attr("IFA_ADDRESS") == POD_GATEWAY_V6 for a in host.get_addr(family=10, index=host_idx) or []
+        ):
+            raise CheckError(f"host veth {host_name} lacks the pods' IPv6 gateway {POD_GATEWAY_V6}")
     try:
         with pod_handle(netns_path) as pod:
             pod_idx = _link_index(pod, ifname)
@@ -353,5 +387,10 @@ def check_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[s
                     for r in routes
                 ):
                     raise CheckError(f"no default route via {POD_GATEWAY_V4} on {ifname}")
+            if any(ipaddress.ip_address(ip).version == 6 for ip in ips) and not any(
+                r["dst_len"] == 0 and r.get("gateway") == POD_GATEWAY_V6 and r.get("oif") == pod_idx
+                for r in pod.get_routes(family=10) or []
+            ):
+                raise CheckError(f"no default route via {POD_GATEWAY_V6} on {ifname}")
     except NetnsGone as exc:
         raise CheckError(str(exc)) from None

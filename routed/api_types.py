@@ -50,8 +50,18 @@ class IpamAllocation(TypedDict):
     ifname: str
 
 
+class IpamPool(TypedDict):
+    """One pod CIDR of the node: its family, usable addresses and how many are allocated."""
+
+    cidr: str
+    family: int
+    size: int
+    allocated: int
+
+
 class IpamShow(TypedDict):
     cidrs: list[str]
+    pools: list[IpamPool]
     allocations: list[IpamAllocation]
 
 

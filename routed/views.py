@@ -110,7 +110,9 @@ def bfd_rows(sessions: Sequence[BfdPeerStatus]) -> list[dict[str, Any]]:
 
 
 def render_ipam(data: IpamShow) -> str:
-    head = f"CIDRs: {', '.join(data['cidrs']) or '-'}\n"
+    pools = [{"CIDR": p["cidr"], "family": f"IPv{p['family']}", "allocated": p["allocated"], "size": p["size"]}
+             for p in data.get("pools", [])]
+    head = table(pools, ["CIDR", "family", "allocated", "size"]) + "\n" if pools else "CIDRs: -\n"
     return head + table(data["allocations"], ["ip", "containerId", "ifname"])
 
 

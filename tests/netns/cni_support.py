@@ -35,6 +35,8 @@ PREFIX = "rtd-cni-"
 NODE_IP = "192.168.77.2"
 UPLINK_IP = "192.168.77.1"
 UPLINK_MTU = 1450
+NODE_IP6 = "fd00:77::2"
+UPLINK_IP6 = "fd00:77::1"
 
 
 def real_agent_available() -> bool:
@@ -76,7 +78,8 @@ class NodeEnv:
     """One node namespace with the CNI service (harness process) and helpers to drive CNI calls."""
 
     def __init__(
-        self, run_id: str, pod_cidr: str = "10.88.0.0/24", agent: str = "harness", harness_args: list[str] | None = None
+        self, run_id: str, pod_cidr: str = "10.88.0.0/24", agent: str = "harness", harness_args: list[str] | None = None,
+        pod_cidr6: str = "",
     ) -> None:
         self.harness_args = list(harness_args or [])
         self.run_id = run_id
@@ -84,7 +87,9 @@ class NodeEnv:
         self.node_name = f"cni-{run_id}"
         self.host = f"{PREFIX}{run_id}-host"
         self.uplink = f"{PREFIX}{run_id}-up"
-        self.pod_cidr = pod_cidr
+        self.pod_cidr = pod_cidr  # "" with an IPv6-only node
+        self.pod_cidr6 = pod_cidr6
+        self.pod_cidrs = [c for c in (pod_cidr, pod_cidr6) if c]
         self.tmp = tempfile.mkdtemp(prefix=f"rtd-cni-{run_id}-")
         self.socket = os.path.join(self.tmp, "agent.sock")
         self.state_dir = os.path.join(self.tmp, "state")
@@ -104,6 +109,11 @@ class NodeEnv:
         netns.ns_run(self.uplink, ["ip", "addr", "add", f"{UPLINK_IP}/24", "dev", "dn0"])
         netns.ns_run(self.host, ["ip", "route", "add", "default", "via", UPLINK_IP])
         netns.sysctl(self.host, "net.ipv4.ip_forward", "1")
+        if self.pod_cidr6:
+            netns.ns_run(self.host, ["ip", "addr", "add", f"{NODE_IP6}/64", "dev", "up0", "nodad"])
+            netns.ns_run(self.uplink, ["ip", "addr", "add", f"{UPLINK_IP6}/64", "dev", "dn0", "nodad"])
+            netns.ns_run(self.host, ["ip", "-6", "route", "add", "default", "via", UPLINK_IP6])
+            netns.sysctl(self.host, "net.ipv6.conf.all.forwarding", "1")
 
     def pod_ns(self, name: str) -> str:
         ns = f"{PREFIX}{self.run_id}-p{name}"
@@ -120,14 +130,15 @@ class NodeEnv:
     def _agent_cmd(self) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         if self.agent_kind == "harness":
+            cidr_args = [arg for cidr in self.pod_cidrs for arg in ("--pod-cidr", cidr)]
             cmd = [PYTHON, HARNESS, "--socket", self.socket, "--state-dir", self.state_dir,
-                   "--pod-cidr", self.pod_cidr, "--log-file", self.agent_log, *self.harness_args]
+                   *cidr_args, "--log-file", self.agent_log, *self.harness_args]
             return cmd, env
         os.makedirs(self.manifest_dir, exist_ok=True)
         node_yaml = (
             "apiVersion: v1\nkind: Node\n"
             f"metadata:\n  name: {self.node_name}\n"
-            f"spec:\n  podCIDR: {self.pod_cidr}\n  podCIDRs: [{self.pod_cidr}]\n"
+            f"spec:\n  podCIDR: {self.pod_cidrs[0]}\n  podCIDRs: [{', '.join(self.pod_cidrs)}]\n"
         )
         Path(self.manifest_dir, "node.yaml").write_text(node_yaml)
         # the CNI side alone: no policy (its hooks need Pod objects), no BGP
@@ -273,8 +284,9 @@ def tcp_server_cmd(port: int, reply: str = "hello") -> list[str]:
     """A one-connection-at-a-time TCP server printing `reply` to each client (runs until killed)."""
     code = (
         "import socket,sys\n"
-        "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-        f"s.bind(('0.0.0.0', {port})); s.listen(16)\n"
+        "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+        f"s.bind(('::', {port})); s.listen(16)\n"
         "print('ready', flush=True)\n"
         "while True:\n"
         "    c,_=s.accept(); c.sendall(" + repr(reply.encode()) + "); c.close()\n"

@@ -91,7 +91,9 @@ def test_gc_releases_everything_not_valid(ipam: Ipam) -> None:
 def test_show_shape_and_persistence(tmp_path: Path) -> None:
     Ipam(str(tmp_path)).allocate(["10.88.0.0/24"], "c1", "eth0")
     shown = Ipam(str(tmp_path)).show(["10.88.0.0/24"])  # a new instance reads the same store
-    assert shown == {"cidrs": ["10.88.0.0/24"], "allocations": [{"ip": "10.88.0.1", "containerId": "c1", "ifname": "eth0"}]}
+    assert shown == {"cidrs": ["10.88.0.0/24"],
+                     "pools": [{"cidr": "10.88.0.0/24", "family": 4, "size": 254, "allocated": 1}],
+                     "allocations": [{"ip": "10.88.0.1", "containerId": "c1", "ifname": "eth0"}]}
     doc = json.loads((tmp_path / "ipam" / "allocations.json").read_text())
     assert "10.88.0.1" in doc["allocations"]
 
@@ -153,3 +155,17 @@ def test_concurrent_processes_get_distinct_addresses(tmp_path: Path) -> None:
     assert len(got) == 150
     assert len(set(got)) == 150
     assert len(Ipam(str(tmp_path)).show()["allocations"]) == 150
+
+
+def test_ipv6_only_and_exhaustion_per_cidr(tmp_path: Path) -> None:
+    ipam = Ipam(str(tmp_path))
+    assert ipam.allocate(["fd00:20::/126"], "c1", "eth0") == ["fd00:20::1"]
+    ipam.allocate(["fd00:20::/126"], "c2", "eth0")
+    ipam.allocate(["fd00:20::/126"], "c3", "eth0")
+    with pytest.raises(IpamExhausted, match=r"pod CIDR fd00:20::/126 \(3 allocated\)"):
+        ipam.allocate(["10.88.0.0/24", "fd00:20::/126"], "c4", "eth0")
+    # nothing of the failed dual-stack ADD is kept: its IPv4 address is free again
+    assert ipam.get("c4", "eth0") == []
+    pools = {p["cidr"]: p for p in ipam.show(["10.88.0.0/24", "fd00:20::/126"])["pools"]}
+    assert pools["fd00:20::/126"] == {"cidr": "fd00:20::/126", "family": 6, "size": 3, "allocated": 3}
+    assert pools["10.88.0.0/24"]["allocated"] == 0
