@@ -1,5 +1,7 @@
 """Route table manager: desired BGP routes (prefix → next hops) → kernel, protocol ROUTE_PROTO_BGP only.
 
+- IPv4 and IPv6 (families 2 and 10) on the same path: prefixes of both families are dumped, compared and
+  written alike (tests/netns/test_bgp_routes.py checks IPv6 multipath replace and read-back with pyroute2).
 - ECMP: several next hops become one multipath route; a change is one atomic `replace`.
 - Idempotent: the kernel is read back and only differing prefixes are written.
 - Never touches routes of another protocol; a prefix that already has a foreign route (same destination in

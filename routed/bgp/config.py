@@ -12,7 +12,7 @@ reported by kind/name in `errors` and skipped, never taking the valid ones down 
       asNumberLabel: routed.dev/asn    # or: a node label carrying the ASN (e.g. set per rack)
       rackLabel: topology.routed.dev/rack
       rackASNumbers: {r1: 65101}       # or: ASN per rack, rack taken from the node label above
-      routerID: 10.0.0.1               # default: the node's first InternalIP (per-node objects only)
+      routerID: 10.0.0.1               # per-node objects only; see "Router id" below
       holdTime: 9                      # seconds; keepaliveTime defaults to holdTime / 3
       keepaliveTime: 3
       gracefulRestartTime: 120         # 0 disables graceful restart
@@ -35,18 +35,48 @@ reported by kind/name in `errors` and skipped, never taking the valid ones down 
       maxPrefixes: 1000
       bfd: {enabled: true, minRxMs: 300, minTxMs: 300, multiplier: 3}   # RFC 5880/5881 single hop; the
                                        # block's presence enables it, `enabled: false` keeps it off
+      addressFamilies: [IPv4, IPv6]    # unicast families of the session; default: the peerIP's family only
+      ipv4NextHop: 10.1.1.2            # next hop announced for IPv4 prefixes (default: see "Next hops")
+      ipv6NextHop: fd00:1:1::2         # next hop announced for IPv6 prefixes (global unicast)
+
+Router id: spec.routerID, else the node's first IPv4 InternalIP, else (IPv6-only node) a stable 32-bit id
+derived from the node name (SHA-256, mapped into 1.0.0.0-223.255.255.255: never 0.0.0.0, multicast or class E).
+Two nodes may hash to the same id; set routerID on per-node objects where that matters (iBGP).
+
+IPv6: two fabric designs, both on the same code paths (every family-dependent step takes the family):
+- a separate session per family: a BGPPeer with an IPv6 peerIP; with nodeToNodeMesh, nodes with addresses of
+  both families get one mesh session per family (first address of each family; the lower address connects);
+- IPv6 unicast over the IPv4 session (or IPv4 over an IPv6 one): `addressFamilies: [IPv4, IPv6]`; both
+  families are negotiated and each gets its own End-of-RIB. Changing a session's families re-establishes it
+  (capabilities are exchanged in the OPEN); it is still a reload, not a restart, of ExaBGP.
+
+Next hops: every prefix is announced with an explicit next hop of its own family, never ExaBGP's `next-hop
+self` (which cannot cross families: it sends 0.0.0.0). Per session and family: spec.ipv4NextHop/ipv6NextHop,
+else for the session's own family the node address sharing the longest prefix with the peer (the session's
+local address), else the node's first address of that family (not link-local). A family without one is not
+announced to that peer and is reported in `errors` by BGPPeer name. A node with one address of the other family
+per uplink (two ToRs) needs the override on each BGPPeer: the first address is on the first uplink only.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from routed.bgp.services import ServicePolicy
 from routed.errors import Code, RoutedError
@@ -59,6 +89,8 @@ DEFAULT_GR_TIME = 120
 _COMMUNITY = re.compile(r"^(\d+):(\d+)$")
 _LARGE_COMMUNITY = re.compile(r"^(\d+):(\d+):(\d+)$")
 _ASN_MAX = 4294967295
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+FAMILIES = {name: version for version, name in FAMILY_NAMES.items()}
 
 
 class BgpConfigError(RoutedError, ValueError):
@@ -69,6 +101,73 @@ def _check_asn(v: int) -> int:
     if not 1 <= v <= _ASN_MAX:
         raise ValueError(f"AS number {v} out of range 1..{_ASN_MAX}")
     return v
+
+
+def unusable_next_hop(address: str) -> str:
+    """Why `address` cannot be announced (or installed) as a BGP next hop; "" when it can."""
+    addr = ipaddress.ip_address(address)
+    if addr.is_unspecified:
+        return "unspecified address"
+    if addr.is_multicast:
+        return "multicast address"
+    if addr.is_loopback:
+        return "loopback address"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return "IPv4-mapped IPv6 address"
+        if addr.is_link_local:
+            return "link-local address"
+    return ""
+
+
+def _of_family(addresses: tuple[str, ...], family: int) -> list[str]:
+    return [a for a in addresses if ipaddress.ip_address(a).version == family]
+
+
+def local_address(addresses: tuple[str, ...], peer: str) -> str:
+    """The node address sharing the longest prefix with the peer (its link address on a p2p/ToR subnet)."""
+    target = ipaddress.ip_address(peer)
+    best, best_len = "", -1
+    for a in _of_family(addresses, target.version):
+        addr = ipaddress.ip_address(a)
+        common = addr.max_prefixlen - (int(addr) ^ int(target)).bit_length()
+        if common > best_len:
+            best, best_len = a, common
+    return best
+
+
+def first_addresses(addresses: tuple[str, ...]) -> tuple[str, ...]:
+    """The first usable address of each family (IPv4 first): what a listening speaker binds to."""
+    out = []
+    for family in (4, 6):
+        usable = [a for a in _of_family(addresses, family) if not unusable_next_hop(a)]
+        if usable:
+            out.append(usable[0])
+    return tuple(out)
+
+
+def next_hop_for(addresses: tuple[str, ...], peer: str, family: int, override: str = "") -> str:
+    """The next hop to announce `family`'s prefixes with to `peer` (see the module docstring); "" if none."""
+    if override:
+        return override
+    usable = tuple(a for a in _of_family(addresses, family) if not unusable_next_hop(a))
+    if not usable:
+        return ""
+    if ipaddress.ip_address(peer).version == family:
+        return local_address(usable, peer)
+    return usable[0]
+
+
+def derived_router_id(node_name: str) -> str:
+    """A stable router id from the node name: 32 bits of SHA-256 mapped into 1.0.0.0-223.255.255.255."""
+    h = int.from_bytes(hashlib.sha256(node_name.encode()).digest()[:4], "big")
+    return str(ipaddress.IPv4Address((1 << 24) + h % (223 << 24)))
+
+
+def router_id(spec_router_id: str, node: Node) -> str:
+    """spec.routerID, else the first IPv4 InternalIP, else derived from the node name (IPv6-only nodes)."""
+    v4 = _of_family(node.addresses, 4)
+    return spec_router_id or (v4[0] if v4 else derived_router_id(node.name))
 
 
 class _Spec(BaseModel):
@@ -217,11 +316,48 @@ class BGPPeerSpec(_Spec):
     ttlSecurity: int | None = Field(None, ge=1, le=254)
     maxPrefixes: int | None = Field(None, ge=1)
     bfd: BfdSpec | None = None
+    addressFamilies: list[Literal["IPv4", "IPv6"]] = Field(
+        default_factory=list, description="Unicast address families of this session (empty or unset: the peerIP's "
+        "family only); [IPv4, IPv6] carries IPv6 over an IPv4 session (or IPv4 over an IPv6 one).")
+    ipv4NextHop: str = Field("", description="Next hop announced for IPv4 prefixes on this session (default: the "
+                             "node's local address for the peer, or its first IPv4 InternalIP).")
+    ipv6NextHop: str = Field("", description="Global IPv6 next hop announced for IPv6 prefixes on this session "
+                             "(default: the node's local address for the peer, or its first IPv6 InternalIP).")
 
     @field_validator("peerIP")
     @classmethod
     def _ip(cls, v: str) -> str:
         return str(ipaddress.ip_address(v))
+
+    @field_validator("addressFamilies")
+    @classmethod
+    def _families(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate address family in {v}")
+        return v
+
+    @field_validator("ipv4NextHop", "ipv6NextHop")
+    @classmethod
+    def _next_hop(cls, v: str, info: ValidationInfo) -> str:
+        if not v:
+            return v
+        addr = ipaddress.ip_address(v)
+        family = 4 if info.field_name == "ipv4NextHop" else 6
+        if addr.version != family:
+            raise ValueError(f"{v} is not an {FAMILY_NAMES[family]} address")
+        why = unusable_next_hop(str(addr))
+        if why:
+            raise ValueError(f"{v} cannot be a next hop: {why}")
+        return str(addr)
+
+    def families(self) -> tuple[int, ...]:
+        """The session's address families (4, 6), in that order."""
+        if not self.addressFamilies:
+            return (ipaddress.ip_address(self.peerIP).version,)
+        return tuple(sorted(FAMILIES[f] for f in self.addressFamilies))
+
+    def next_hop_override(self, family: int) -> str:
+        return self.ipv4NextHop if family == 4 else self.ipv6NextHop
 
     @field_validator("asNumber")
     @classmethod
@@ -234,6 +370,10 @@ class BGPPeerSpec(_Spec):
             raise ValueError("set either node or nodeSelector, not both")
         if self.ebgpMultihop is not None and self.ttlSecurity is not None:
             raise ValueError("ebgpMultihop and ttlSecurity are mutually exclusive")
+        for family in (4, 6):
+            if self.next_hop_override(family) and family not in self.families():
+                raise ValueError(f"{FAMILY_NAMES[family].lower()}NextHop is set but {FAMILY_NAMES[family]} is not "
+                                 f"one of the session's addressFamilies {[FAMILY_NAMES[f] for f in self.families()]}")
         return self
 
     def selects(self, node: Node) -> bool:
@@ -299,10 +439,22 @@ class PeerConfig:
     max_prefixes: int | None = None
     passive: bool = False  # wait for the peer to connect (node-to-node mesh: the higher address)
     bfd: BfdTimers | None = None  # BFD on for this peer (routed/bgp/bfd_net.py), not part of ExaBGP's config
+    families: tuple[int, ...] = ()  # address families of the session (4, 6); () means the address's own
+    local_address: str = ""  # the session's source address ("": the kernel picks one)
+    next_hops: tuple[tuple[int, str], ...] = ()  # (family, next hop) per family that can be announced
+
+    def __post_init__(self) -> None:
+        if not self.families:
+            object.__setattr__(self, "families", (self.family,))
 
     @property
     def family(self) -> int:
+        """The family of the session's transport (the peer address)."""
         return ipaddress.ip_address(self.address).version
+
+    def next_hop(self, family: int) -> str:
+        """The explicit next hop for `family`'s prefixes; "" when that family is not announced to this peer."""
+        return dict(self.next_hops).get(family, "")
 
 
 @dataclass(frozen=True)
@@ -318,7 +470,7 @@ class SpeakerConfig:
     pod_cidrs: tuple[str, ...] = ()
     local_addresses: tuple[str, ...] = ()
     peers: tuple[PeerConfig, ...] = ()
-    listen: bool = False  # needed when a peer is passive on our side
+    listen: bool = False  # needed when a peer is passive on our side (binds first_addresses(local_addresses))
     services: ServicePolicy = field(default_factory=ServicePolicy)  # Service VIP advertisement (over the API)
 
     def peer(self, address: str) -> PeerConfig | None:
@@ -328,9 +480,9 @@ class SpeakerConfig:
         return None
 
     def session_key(self) -> tuple[Any, ...]:
-        """What ExaBGP's config depends on (pod CIDRs and communities are announced over the API)."""
+        """What ExaBGP's config depends on (pod CIDRs, communities and next hops are announced over the API)."""
         return (self.asn, self.router_id, self.hold_time, self.keepalive, self.graceful_restart_time,
-                tuple(replace(p, bfd=None) for p in self.peers), self.listen, self.local_addresses)
+                tuple(replace(p, bfd=None, next_hops=()) for p in self.peers), self.listen, self.local_addresses)
 
 
 @dataclass
@@ -431,11 +583,7 @@ def resolve(
     except BgpConfigError as e:
         errors.append(str(e))
         asn = spec.asNumber or DEFAULT_ASN
-    v4 = [a for a in node.addresses if ipaddress.ip_address(a).version == 4]
-    router_id = spec.routerID or (v4[0] if v4 else "")
-    if not router_id:
-        errors.append(f"node {node.name}: no router id (no IPv4 InternalIP and no routerID); BGP disabled")
-        return Resolution(None, errors)
+    rid = router_id(spec.routerID, node)
     hold = spec.holdTime or DEFAULT_HOLD
     keepalive = spec.keepaliveTime or max(1, hold // 3)
     if keepalive * 3 > hold:
@@ -457,36 +605,50 @@ def resolve(
             msg = str(e)
             errors.append(msg if msg.startswith("BGPPeer") else f"BGPPeer {name}: {msg}")
             continue
+        families = p.families()
+        next_hops: list[tuple[int, str]] = []
+        for family in families:
+            nh = next_hop_for(node.addresses, p.peerIP, family, p.next_hop_override(family))
+            if nh:
+                next_hops.append((family, nh))
+            else:
+                fam = FAMILY_NAMES[family]
+                errors.append(f"BGPPeer {name}: no {fam} next hop (node {node.name} has no usable {fam} address; "
+                              f"set spec.{fam.lower()}NextHop): {fam} prefixes are not announced to {p.peerIP}")
         result[p.peerIP] = PeerConfig(
             address=p.peerIP, asn=p.asNumber, name=name, password=password, multihop=p.ebgpMultihop,
             ttl_security=p.ttlSecurity, max_prefixes=p.maxPrefixes,
             bfd=BfdTimers(p.bfd.minRxMs, p.bfd.minTxMs, p.bfd.multiplier) if p.bfd and p.bfd.enabled else None,
+            families=families, local_address=local_address(node.addresses, p.peerIP), next_hops=tuple(next_hops),
         )
     listen = False
     if spec.nodeToNodeMesh:
-        my_addr = node.addresses[0] if node.addresses else ""
+        mine = first_addresses(node.addresses)
         for other in nodes:
             if other.name == node.name or not other.addresses:
                 continue
-            addr = other.addresses[0]
-            if addr in result or addr in own:
+            theirs = first_addresses(other.addresses)
+            sessions = [(m, t) for m in mine for t in theirs
+                        if ipaddress.ip_address(m).version == ipaddress.ip_address(t).version
+                        and t not in result and t not in own]
+            if not sessions:
                 continue
             try:
                 other_asn = _node_asn(spec, other)
             except BgpConfigError as e:
                 errors.append(str(e))
                 continue
-            fam_same = ipaddress.ip_address(addr).version == ipaddress.ip_address(my_addr).version if my_addr else False
-            if not fam_same:
-                continue
-            # the lower address connects, the higher one listens: no connection collisions
-            passive = int(ipaddress.ip_address(addr)) < int(ipaddress.ip_address(my_addr))  # same family here
-            listen = listen or passive
-            result[addr] = PeerConfig(address=addr, asn=other_asn, name=f"mesh:{other.name}", passive=passive)
+            for my_addr, addr in sessions:  # one session per family both nodes have
+                # the lower address connects, the higher one listens: no connection collisions
+                passive = int(ipaddress.ip_address(addr)) < int(ipaddress.ip_address(my_addr))
+                listen = listen or passive
+                family = ipaddress.ip_address(addr).version
+                result[addr] = PeerConfig(address=addr, asn=other_asn, name=f"mesh:{other.name}", passive=passive,
+                                          families=(family,), local_address=my_addr, next_hops=((family, my_addr),))
     cfg = SpeakerConfig(
         node_name=node.name,
         asn=asn,
-        router_id=router_id,
+        router_id=rid,
         hold_time=hold,
         keepalive=keepalive,
         graceful_restart_time=DEFAULT_GR_TIME if spec.gracefulRestartTime is None else spec.gracefulRestartTime,

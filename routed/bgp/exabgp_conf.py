@@ -1,31 +1,27 @@
-"""Render ExaBGP 5 configuration and environment for one node's speaker. Pure."""
+"""Render ExaBGP 5 configuration and environment for one node's speaker. Pure.
+
+Each neighbour negotiates the unicast families of its PeerConfig (`family { ipv4 unicast; ipv6 unicast; }`:
+IPv6 over an IPv4 session needs both); its `local-address` is the one config.py resolved (the same address the
+same-family next hop is taken from). When listening, ExaBGP binds the node's first address of each family.
+"""
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 
-from routed.bgp.config import PeerConfig, SpeakerConfig
+from routed.bgp.config import PeerConfig, SpeakerConfig, first_addresses
 
 PROCESS_NAME = "routed"
+AFI = {4: "ipv4", 6: "ipv6"}
+
+
+def family_names(families: tuple[int, ...]) -> list[str]:
+    """ExaBGP's names of unicast families: (4, 6) -> ["ipv4 unicast", "ipv6 unicast"]."""
+    return [f"{AFI[f]} unicast" for f in families]
 
 
 def _families(peer: PeerConfig) -> list[str]:
-    return ["ipv4 unicast"] if peer.family == 4 else ["ipv6 unicast"]
-
-
-def _local_address(addresses: tuple[str, ...], peer: str) -> str:
-    """The node address sharing the longest prefix with the peer (its link address on a p2p/ToR subnet)."""
-    target = ipaddress.ip_address(peer)
-    best, best_len = "", -1
-    for a in addresses:
-        addr = ipaddress.ip_address(a)
-        if addr.version != target.version:
-            continue
-        common = addr.max_prefixlen - (int(addr) ^ int(target)).bit_length()
-        if common > best_len:
-            best, best_len = a, common
-    return best
+    return family_names(peer.families)
 
 
 def _quote(s: str) -> str:
@@ -41,7 +37,7 @@ def render(cfg: SpeakerConfig, socket_path: str, python: str = sys.executable) -
         "",
     ]
     for peer in cfg.peers:
-        local = _local_address(cfg.local_addresses, peer.address)
+        local = peer.local_address
         lines += [
             f"neighbor {peer.address} {{",
             f"  description {_quote(peer.name)};",
@@ -87,7 +83,7 @@ def environment(cfg: SpeakerConfig, listen_port: int, pid_file: str) -> dict[str
     """ExaBGP settings via environment: stay root (MD5 sockets), no CLI pipes, ack off, logs to stdout."""
     bind = ""
     if cfg.listen or listen_port:
-        bind = " ".join(cfg.local_addresses[:1])
+        bind = " ".join(first_addresses(cfg.local_addresses))
     return {
         "exabgp_daemon_user": "root",
         "exabgp_daemon_drop": "false",

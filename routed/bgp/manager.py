@@ -1,7 +1,8 @@
 """BgpManager: the facade the agent calls. Desired state in (`update`), speaker + route table underneath.
 
-Kernel routes (protocol ROUTE_PROTO_BGP) learned in a previous run are kept until every peer has sent
-End-of-RIB after (re)connecting, or `startup_hold` seconds passed; then stale ones are removed.
+Kernel routes (protocol ROUTE_PROTO_BGP, IPv4 and IPv6 alike) learned in a previous run are kept until every
+peer has sent End-of-RIB for every negotiated family after (re)connecting, or `startup_hold` seconds passed;
+then stale ones are removed.
 `update` raises when it cannot apply (the caller retries the same inputs: nothing is cached before success);
 the route loop (supervised task `bgp-routes`) retries failed kernel writes with the shared backoff.
 """

@@ -1,5 +1,13 @@
 """ExaBGP JSON messages → per-peer learned routes (Adj-RIB-In), filters, graceful-restart staleness, and
-what was actually sent per peer (Adj-RIB-Out as ExaBGP reports it). Pure: no I/O, time passed in."""
+what was actually sent per peer (Adj-RIB-Out as ExaBGP reports it). Pure: no I/O, time passed in.
+
+Families: "ipv4 unicast" and "ipv6 unicast" announcements and withdrawals, End-of-RIB per (afi, safi), and the
+families a received OPEN offers (multiprotocol capability) are parsed alike. ExaBGP reports an IPv6 route with
+a global and a link-local next hop as two entries of the same prefix (one per next hop): they are merged into
+one route whose next hop is the global one. Learned routes are filtered the same way in both families; a next
+hop that cannot be installed (IPv4-mapped `::ffff:a.b.c.d` — what FRR sends over an IPv4 session when no IPv6
+next hop is set —, unspecified, link-local over an IPv4 session, another family) rejects the route with a reason.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from routed.api_types import BgpRoute
+from routed.bgp.config import unusable_next_hop
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ class Message:
     withdraw: list[str] = field(default_factory=list)
     eor: tuple[str, str] | None = None  # (afi, safi)
     gr_time: int | None = None  # restart time of a received OPEN's graceful-restart capability
+    families: tuple[str, ...] | None = None  # OPEN: the multiprotocol families offered, "ipv4 unicast", ...
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +96,18 @@ def _nexthop(raw: str) -> str:
     return parts[0] if parts else ""
 
 
+def _is_link_local(nexthop: str) -> bool:
+    try:
+        return ipaddress.ip_address(nexthop).is_link_local
+    except ValueError:
+        return False
+
+
+def _family_name(raw: Any) -> str:
+    """"ipv6/unicast" (capabilities) or "ipv6 unicast" (updates) -> "ipv6 unicast"."""
+    return " ".join(str(raw).replace("/", " ").split())
+
+
 def _nlri(entry: Any) -> str:
     if isinstance(entry, dict):
         return str(entry.get("nlri", ""))
@@ -110,9 +132,14 @@ def parse_message(line: str | bytes) -> Message:
         msg.reason = str(data.get("notification", "") or neighbor.get("notification", ""))
     elif mtype == "open":
         caps = ((neighbor.get("open") or {}).get("capabilities")) or {}
+        families: list[str] = []
         for cap in caps.values():
             if isinstance(cap, dict) and "graceful" in str(cap.get("name", "")):
                 msg.gr_time = int(cap.get("time", 0) or 0)
+            if isinstance(cap, dict) and cap.get("name") == "multiprotocol":
+                families += [_family_name(f) for f in cap.get("families") or []]
+        # no multiprotocol capability at all: IPv4 unicast only (RFC 4760)
+        msg.families = tuple(dict.fromkeys(families)) if families else ("ipv4 unicast",)
     elif mtype == "update":
         message = neighbor.get("message") or {}
         if "eor" in message:
@@ -126,15 +153,18 @@ def parse_message(line: str | bytes) -> Message:
         for family, by_nh in (update.get("announce") or {}).items():
             if not str(family).endswith("unicast") or not isinstance(by_nh, dict):
                 continue
+            hops: dict[str, str] = {}  # prefix -> next hop, a global one preferred over a link-local one
             for nh, entries in by_nh.items():
                 for entry in entries or []:
                     prefix = _nlri(entry)
-                    if prefix:
-                        msg.announce.append(Route(
-                            prefix=prefix, nexthop=_nexthop(nh), as_path=as_path, communities=comms,
-                            origin=str(attrs.get("origin", "")), med=attrs.get("med"),
-                            local_pref=attrs.get("local-preference"),
-                        ))
+                    if prefix and (prefix not in hops or _is_link_local(hops[prefix])):
+                        hops[prefix] = _nexthop(nh)
+            for prefix, nexthop in hops.items():
+                msg.announce.append(Route(
+                    prefix=prefix, nexthop=nexthop, as_path=as_path, communities=comms,
+                    origin=str(attrs.get("origin", "")), med=attrs.get("med"),
+                    local_pref=attrs.get("local-preference"),
+                ))
         for family, entries in (update.get("withdraw") or {}).items():
             if not str(family).endswith("unicast"):
                 continue
@@ -160,6 +190,11 @@ class Filters:
     own_addresses: tuple[str, ...] = ()
     accept_default: bool = False
     max_prefixes: dict[str, int] = field(default_factory=dict)  # peer -> limit
+    _own: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
+        default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._own = frozenset(ipaddress.ip_address(a) for a in self.own_addresses)
 
     def reject_reason(self, route: Route) -> str:
         try:
@@ -174,20 +209,37 @@ class Filters:
             own = ipaddress.ip_network(cidr, strict=False)
             if own.version == net.version and net.subnet_of(own):  # type: ignore[arg-type]
                 return "inside own pod CIDR"
-        if route.nexthop in self.own_addresses:
-            return "next hop is this node"
         try:
             nh = ipaddress.ip_address(route.nexthop)
         except ValueError:
             return "invalid next hop"
+        if nh in self._own:
+            return "next hop is this node"
         if nh.version != net.version:
             return "next hop family differs"
+        if isinstance(nh, ipaddress.IPv6Address) and nh.ipv4_mapped is not None:
+            return (f"IPv4-mapped next hop ::ffff:{nh.ipv4_mapped}: the peer sent no IPv6 next hop (it must set a global one, "
+                    "e.g. FRR: route-map with `set ipv6 next-hop global`)")
+        if isinstance(nh, ipaddress.IPv6Address) and nh.is_link_local:  # left by _resolve_link_local: IPv4 session
+            return (f"link-local next hop {nh} over an IPv4 session: not reachable without an interface "
+                    "(the peer must send a global IPv6 next hop)")
+        why = unusable_next_hop(str(nh))
+        if why:
+            return f"next hop {nh} is unusable ({why})"
         return ""
+
+
+def _version(prefix: str) -> int:
+    try:
+        return ipaddress.ip_network(prefix, strict=False).version
+    except ValueError:
+        return 0
 
 
 def _resolve_link_local(peer: str, route: Route) -> Route:
     """An IPv6 next hop given only as link-local (FRR does that on a shared link) cannot be installed without
-    an interface; the directly connected peer's own address is the same router."""
+    an interface; over an IPv6 session the directly connected peer's own address is the same router. Over an
+    IPv4 session there is no such address: the route keeps its link-local next hop and the filters reject it."""
     try:
         nh = ipaddress.ip_address(route.nexthop)
         if nh.version == 6 and nh.is_link_local and ipaddress.ip_address(peer).version == 6:
@@ -232,9 +284,10 @@ class Rib:
             lr.stale = True
         return len(table)
 
-    def drop_stale(self, peer: str) -> int:
+    def drop_stale(self, peer: str, family: int | None = None) -> int:
+        """Drop the peer's routes still stale (of one family: 4 or 6, at that family's End-of-RIB; all: None)."""
         table = self.peers.get(peer, {})
-        stale = [p for p, lr in table.items() if lr.stale]
+        stale = [p for p, lr in table.items() if lr.stale and (family is None or _version(p) == family)]
         for p in stale:
             del table[p]
         return len(stale)

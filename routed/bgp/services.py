@@ -14,6 +14,8 @@ type, the Services behind it — shared IPs are reference-counted: the prefix st
   (the default): every node.
 - The annotation `routed.dev/advertise: "false"` on a Service keeps all of its /32s out (the CIDRs stay).
 - Headless Services (clusterIP None) have no ClusterIP to announce.
+- IPv6 prefixes (/128s, IPv6 CIDRs) go out like the IPv6 pod CIDR: on every session carrying IPv6 (a separate
+  IPv6 session or IPv6 over the IPv4 one), with that session's IPv6 next hop (routed/bgp/speaker.py).
 """
 
 from __future__ import annotations

@@ -5,8 +5,14 @@
   without a NOTIFICATION: peers that are graceful-restart helpers keep our routes while we come back.
 - Its stdout (logs) and the bridge socket are read continuously; its exit is noticed at once (we await it) and
   it is restarted with the shared backoff. The loop doing that is the supervised task `exabgp`.
-- Announcements are per peer (`neighbor X announce route P next-hop self community [...]`); on every session
-  up the peer's announcements are replayed and End-of-RIB is sent (manual-eor).
+- Announcements are per peer and always carry an explicit next hop of the prefix's family
+  (`neighbor X announce route P next-hop N community [...]`, N from PeerConfig.next_hop: never ExaBGP's
+  `next-hop self`, which cannot cross families and sends 0.0.0.0); a prefix of a family the session does not
+  carry, or has no next hop for, is not announced. Withdrawals name the same next hop. On every session up the
+  peer's announcements are replayed and End-of-RIB is sent for every negotiated family (manual-eor).
+- Per family where it matters: the negotiated families are ours ∩ those of the peer's OPEN; End-of-RIB is
+  tracked per family (received and sent), and a family's End-of-RIB drops that family's stale routes (graceful
+  restart); the stale timer ends only when every negotiated family has sent one.
 - Received updates go into the Rib (filters, max-prefix, GR staleness); `changed` is set whenever the
   learned routes may have changed.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shutil
@@ -29,7 +36,7 @@ from typing import Any
 from routed.api_types import BgpPeerStatus
 from routed.backoff import Backoff
 from routed.bgp import exabgp_conf
-from routed.bgp.config import PeerConfig, SpeakerConfig
+from routed.bgp.config import PeerConfig, SpeakerConfig, first_addresses, unusable_next_hop
 from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
 from routed.bgp.services import CONFIG_FIELDS, Advertisement
 from routed.supervisor import Liveness, Supervisor
@@ -46,15 +53,38 @@ RELOAD_CONFIRMED = "loaded new configuration successfully"
 CEASE_BFD_DOWN = 6  # NOTIFICATION Cease subcode "Other Configuration Change" (RFC 4486) when BFD says down
 
 
+AFI_FAMILY = {"ipv4": 4, "ipv6": 6}
+
+
 def default_exabgp() -> str:
     return str(Path(sys.executable).parent / "exabgp")
 
 
-
 def restart_key(cfg: SpeakerConfig) -> tuple[object, ...]:
-    """What only a restart can change: the listening socket comes from ExaBGP's environment, not its config.
-    Everything else (peers added, removed or changed, timers, router id) goes through a reload."""
-    return (cfg.listen, cfg.local_addresses[:1] if cfg.listen else ())
+    """What only a restart can change: the listening sockets come from ExaBGP's environment, not its config
+    (the node's first address of each family). Everything else (peers added, removed or changed, their
+    families and next hops, timers, router id) goes through a reload."""
+    return (cfg.listen, first_addresses(cfg.local_addresses) if cfg.listen else ())
+
+
+def _unicast_families(names: tuple[str, ...]) -> tuple[int, ...]:
+    """("ipv4 unicast", "ipv6 unicast", "ipv4 flow") -> (4, 6)."""
+    out: list[int] = []
+    for name in names:
+        afi, _, safi = name.partition(" ")
+        if safi == "unicast" and afi in AFI_FAMILY:
+            out.append(AFI_FAMILY[afi])
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One prefix as announced to one peer: the exact command sent and the withdrawal that matches it."""
+
+    prefix: str
+    next_hop: str
+    command: str
+    withdraw: str
 
 
 def child_command(argv: list[str]) -> list[str]:
@@ -76,16 +106,34 @@ class PeerState:
     since: float = field(default_factory=time.time)
     last_error: str = ""
     gr_time: int = 0  # peer's restart time from its OPEN (0: no graceful restart)
-    eor_received: bool = False
-    eor_sent: bool = False
+    families: tuple[int, ...] = (4,)  # what we offer (PeerConfig.families)
+    peer_families: tuple[int, ...] | None = None  # unicast families of the peer's OPEN (None: not seen yet)
+    eor_received_families: set[int] = field(default_factory=set)
+    eor_sent_families: set[int] = field(default_factory=set)
     ups: int = 0
     updates_received: int = 0
-    announced: dict[str, str] = field(default_factory=dict)  # prefix -> exact command sent
+    announced: dict[str, Announcement] = field(default_factory=dict)  # prefix -> what was sent
 
     def set_state(self, state: str, now: float) -> None:
         if state != self.state:
             self.state = state
             self.since = now
+
+    @property
+    def negotiated(self) -> tuple[int, ...]:
+        """The families of the session: ours and the peer's (ours until its OPEN is seen)."""
+        if self.peer_families is None:
+            return self.families
+        return tuple(f for f in self.families if f in self.peer_families)
+
+    @property
+    def eor_received(self) -> bool:
+        """End-of-RIB received for every negotiated family."""
+        return set(self.negotiated) <= self.eor_received_families
+
+    @property
+    def eor_sent(self) -> bool:
+        return bool(self.eor_sent_families) and set(self.negotiated) <= self.eor_sent_families
 
 
 class Speaker:
@@ -151,8 +199,8 @@ class Speaker:
         self.supervisor.retire("exabgp")  # its loop ends once ExaBGP is gone: expected now
         if graceful and self._writer is not None:
             for peer in self.peers.values():
-                for prefix in list(peer.announced):
-                    self._send(self._withdraw_cmd(peer.address, prefix))
+                for ann in peer.announced.values():
+                    self._send(ann.withdraw)
                 peer.announced.clear()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and any(
@@ -198,9 +246,9 @@ class Speaker:
         for addr, p in wanted.items():
             st = self.peers.get(addr)
             if st is None:
-                self.peers[addr] = PeerState(address=addr, asn=p.asn, name=p.name)
+                self.peers[addr] = PeerState(address=addr, asn=p.asn, name=p.name, families=p.families)
             else:
-                st.asn, st.name = p.asn, p.name
+                st.asn, st.name, st.families = p.asn, p.name, p.families
         if old is None or old.session_key() != cfg.session_key():
             Path(self.conf_path).write_text(exabgp_conf.render(cfg, self.socket_path))
             if old is not None and self.running and restart_key(old) == restart_key(cfg):
@@ -255,27 +303,31 @@ class Speaker:
             return "Service " + ", ".join(adv.services)
         return CONFIG_FIELDS.get(adv.kind, adv.kind)
 
-    def desired_announcements(self, peer: PeerConfig) -> dict[str, str]:
+    def desired_announcements(self, peer: PeerConfig) -> dict[str, Announcement]:
+        """Prefix -> announcement for one peer: pod CIDRs and Service prefixes of the families the session
+        carries, each with the peer's explicit next hop of the prefix's family (none: not announced)."""
         assert self.cfg is not None
-        out: dict[str, str] = {}
+        out: dict[str, Announcement] = {}
         wanted: list[tuple[str, tuple[str, ...]]] = [(cidr, self.cfg.communities) for cidr in self.cfg.pod_cidrs]
         wanted += [(prefix, self.cfg.communities + adv.communities) for prefix, adv in sorted(self.service_routes.items())]
         for prefix, communities in wanted:
-            if (":" in prefix) != (peer.family == 6):
-                continue
+            family = ipaddress.ip_network(prefix, strict=False).version
+            next_hop = peer.next_hop(family) if family in peer.families else ""
+            if not next_hop or unusable_next_hop(next_hop) or ipaddress.ip_address(next_hop).version != family:
+                continue  # config.resolve reported a missing next hop by BGPPeer name
             std = [c for c in communities if c.count(":") == 1]
             large = [c for c in communities if c.count(":") == 2]
-            cmd = f"neighbor {peer.address} announce route {prefix} next-hop self"
+            cmd = f"neighbor {peer.address} announce route {prefix} next-hop {next_hop}"
             if std:
                 cmd += f" community [ {' '.join(std)} ]"
             if large:
                 cmd += f" large-community [ {' '.join(large)} ]"
-            out[prefix] = cmd
+            out[prefix] = Announcement(prefix, next_hop, cmd, self._withdraw_cmd(peer.address, prefix, next_hop))
         return out
 
     @staticmethod
-    def _withdraw_cmd(peer: str, prefix: str) -> str:
-        return f"neighbor {peer} withdraw route {prefix} next-hop self"
+    def _withdraw_cmd(peer: str, prefix: str, next_hop: str) -> str:
+        return f"neighbor {peer} withdraw route {prefix} next-hop {next_hop}"
 
     def _sync_announcements(self, only: str | None = None, replay: bool = False) -> None:
         """Bring each peer's announcements to the desired set (replay: resend everything)."""
@@ -286,14 +338,15 @@ class Speaker:
                 continue
             st = self.peers[p.address]
             want = self.desired_announcements(p)
-            for prefix in list(st.announced):
+            for prefix, ann in list(st.announced.items()):
                 if prefix not in want:
-                    self._send(self._withdraw_cmd(p.address, prefix))
+                    self._send(ann.withdraw)
                     del st.announced[prefix]
-            for prefix, cmd in want.items():
-                if replay or st.announced.get(prefix) != cmd:
-                    self._send(cmd)
-                    st.announced[prefix] = cmd
+            for prefix, ann in want.items():
+                old = st.announced.get(prefix)
+                if replay or old is None or old.command != ann.command:
+                    self._send(ann.command)
+                    st.announced[prefix] = ann
 
     def _send(self, line: str) -> None:
         if self._writer is None:
@@ -421,8 +474,11 @@ class Speaker:
             if msg.state == "up":
                 st.set_state("established", now)
                 st.ups += 1
-                st.eor_received = False
+                st.eor_received_families.clear()
                 st.last_error = ""
+                for lost in set(st.families) - set(st.negotiated):  # no End-of-RIB will come for these
+                    if self.rib.drop_stale(st.address, lost):
+                        log.info("peer %s: IPv%d not negotiated, its stale routes dropped", st.address, lost)
                 self._sync_announcements(only=st.address, replay=True)
                 self._send_eor(st)
             elif msg.state == "down":
@@ -432,6 +488,7 @@ class Speaker:
                 st.set_state("connected", now)
         elif msg.type == "open" and st is not None and msg.direction == "receive":
             st.gr_time = msg.gr_time or 0
+            st.peer_families = _unicast_families(msg.families or ("ipv4 unicast",))
         elif msg.type == "notification" and st is not None:
             st.last_error = f"notification: {msg.reason}"
         elif msg.type == "update" and st is not None:
@@ -443,11 +500,16 @@ class Speaker:
             st.updates_received += 1
             self.counters["updates_received"] += 1
             if msg.eor is not None:
-                st.eor_received = True
-                dropped = self.rib.drop_stale(st.address)
-                self._cancel_timer(st.address)
-                if dropped:
-                    log.info("peer %s End-of-RIB: %d stale routes dropped", st.address, dropped)
+                afi, safi = msg.eor
+                eor_family = AFI_FAMILY.get(afi) if safi == "unicast" else None
+                if eor_family is not None:
+                    st.eor_received_families.add(eor_family)
+                    dropped = self.rib.drop_stale(st.address, eor_family)
+                    if dropped:
+                        log.info("peer %s End-of-RIB %s %s: %d stale routes dropped", st.address, afi, safi, dropped)
+                if st.eor_received:  # every negotiated family: nothing stale is left to wait for
+                    self._cancel_timer(st.address)
+                    self.rib.drop_stale(st.address)
             for prefix in msg.withdraw:
                 self.rib.withdraw(st.address, prefix)
             for route in msg.announce:
@@ -479,13 +541,16 @@ class Speaker:
         return self.rib.desired(exclude=self.bfd_down_peers)
 
     def _send_eor(self, st: PeerState) -> None:
-        fam = "ipv6" if ":" in st.address else "ipv4"
-        self._send(f"neighbor {st.address} announce eor {fam} unicast")
-        st.eor_sent = True
+        """End-of-RIB for every negotiated family (the announcements were just replayed)."""
+        for family in st.negotiated:
+            afi = "ipv4" if family == 4 else "ipv6"
+            self._send(f"neighbor {st.address} announce eor {afi} unicast")
+            st.eor_sent_families.add(family)
 
     def _peer_down(self, st: PeerState, reason: str, now: float) -> None:
         st.set_state("down", now)
-        st.eor_sent = False
+        st.eor_sent_families.clear()
+        st.peer_families = None
         self.out.clear(st.address)
         gr = st.gr_time or (self.cfg.graceful_restart_time if self.cfg else 0)
         # a NOTIFICATION (clean close) ends graceful restart; a lost connection keeps stale routes

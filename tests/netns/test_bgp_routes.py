@@ -89,3 +89,48 @@ def test_no_prune_keeps_previous_run_routes(ns):
 def test_unreachable_next_hop_reported(ns):
     (r,) = run(apply_all(RouteTable(netns=ns), ({"10.80.0.0/24": frozenset({"192.0.2.1"})}, True)))
     assert "10.80.0.0/24" in r.errors and not r.added
+
+
+H1, H2 = "fd09::2", "fd09::3"
+
+
+def routes6(proto=None):
+    return {r["prefix"]: r["nexthops"] for r in kernel_routes(NS, family=6, protocol=proto)}
+
+
+def test_ipv6_ecmp_replace_idempotent_remove(ns):
+    netns.ns_run(ns, ["ip", "-6", "addr", "replace", "fd09::1/64", "dev", "eth0", "nodad"])
+    t = RouteTable(netns=ns)
+    d1 = {"fd10:1::/64": frozenset({H1}), "fd10:2::/64": frozenset({H1, H2}), "10.50.9.0/24": frozenset({G1})}
+    r1, r2 = run(apply_all(t, (d1, True), (d1, True)))
+    assert sorted(r1.added) == ["10.50.9.0/24", "fd10:1::/64", "fd10:2::/64"] and not r1.errors, r1
+    assert not r2.changed and not r2.errors, f"second apply must change nothing: {r2}"
+    assert routes6("202") == {"fd10:1::/64": [H1], "fd10:2::/64": [H1, H2]}
+    assert run(RouteTable(netns=ns).kernel()) == d1  # read back as written (the multipath route too)
+    # multipath -> one path, one path -> multipath: each one atomic replace
+    d2 = {"fd10:1::/64": frozenset({H1, H2}), "fd10:2::/64": frozenset({H2}), "10.50.9.0/24": frozenset({G1})}
+    (r3,) = run(apply_all(RouteTable(netns=ns), (d2, True)))
+    assert sorted(r3.replaced) == ["fd10:1::/64", "fd10:2::/64"] and not r3.errors, r3
+    assert routes6("202") == {"fd10:1::/64": [H1, H2], "fd10:2::/64": [H2]}
+    # no prune (after a restart): the kernel's paths are kept next to the learned ones
+    (r4,) = run(apply_all(RouteTable(netns=ns), ({"fd10:2::/64": frozenset({H1})}, False)))
+    assert r4.replaced == ["fd10:2::/64"] and routes6("202")["fd10:2::/64"] == [H1, H2]
+    (r5,) = run(apply_all(RouteTable(netns=ns), ({"10.50.9.0/24": frozenset({G1})}, True)))
+    assert sorted(r5.removed) == ["fd10:1::/64", "fd10:2::/64"] and not r5.errors, r5
+    assert routes6("202") == {} and routes("202") == {"10.50.9.0/24": [G1]}
+    run(apply_all(RouteTable(netns=ns), ({}, True)))
+    assert routes6("202") == {} and routes("202") == {}
+
+
+def test_ipv6_default_and_foreign_route(ns):
+    netns.ns_run(ns, ["ip", "-6", "addr", "replace", "fd09::1/64", "dev", "eth0", "nodad"])
+    netns.ns_run(ns, ["ip", "-6", "route", "add", "fd10:60::/64", "via", H1, "proto", "static"])
+    try:
+        desired = {"::/0": frozenset({H1, H2}), "fd10:60::/64": frozenset({H2})}
+        (r1,) = run(apply_all(RouteTable(netns=ns), (desired, True)))
+        assert r1.added == ["::/0"] and r1.conflicts == ["fd10:60::/64"], r1
+        assert routes6("202") == {"::/0": [H1, H2]} and routes6()["fd10:60::/64"] == [H1]
+        (r2,) = run(apply_all(RouteTable(netns=ns), ({}, True)))
+        assert r2.removed == ["::/0"] and routes6("202") == {}
+    finally:
+        netns.ns_run(ns, ["ip", "-6", "route", "del", "fd10:60::/64"], check=False)

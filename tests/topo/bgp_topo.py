@@ -5,6 +5,13 @@ Addressing (ToR t = 1.., node i = 1..):
   link ToR t <-> node i: 10.<t>.<i>.1/24 (ToR side, iface n<i>) / 10.<t>.<i>.2/24 (node side, iface t<t>)
   node i: InternalIP 10.1.<i>.2, AS 65000+i, pod CIDR 10.244.<i>.0/24 with 10.244.<i>.1/32 on lo ("pod")
   ToR t: AS 65100 (all ToRs), router id 10.<t>.255.1 — eBGP to every node
+IPv6 (v6=True): links fd00:<t>:<i>::1/64 (ToR) / ::2 (node), pod CIDR fd10:<i>::/64 with fd10:<i>::1/128 on lo,
+in one of the two fabric designs (v6_design):
+  "separate": one more BGP session per link over IPv6 (BGPPeer tor<t>-node<i>-v6);
+  "over-v4":  IPv6 unicast over the IPv4 session (BGPPeer addressFamilies [IPv4, IPv6]; with two ToRs each
+              peer names its link's ipv6NextHop). The FRR ToR activates IPv6 for the IPv4 neighbours and, with
+              tor_v6_next_hop, sets its link's global IPv6 next hop (route-map `set ipv6 next-hop global`);
+              without it (and tor_link_v6=False: no IPv6 on the ToR's links) FRR sends ::ffff:<its IPv4>.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import tempfile
 from typing import Any
 
 from routed import netns
-from routed.lab.routers import GobgpRouter, Neighbor, Router, kernel_routes, make_router
+from routed.lab.routers import FrrRouter, GobgpRouter, Neighbor, Router, kernel_routes, make_router
 from tests.helpers import run_and_expect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,13 +43,43 @@ def pod_cidr(i: int) -> str:
     return f"10.244.{i}.0/24"
 
 
+class FrrV6OverV4(FrrRouter):
+    """FRR with IPv6 unicast activated on its IPv4 neighbours, each optionally with a route-map setting the
+    global IPv6 next hop it sends (without one FRR sends an IPv4-mapped address on a link without IPv6)."""
+
+    def __init__(self, v6_next_hops: dict[str, str], originate: tuple[str, ...] = (), **kw: Any) -> None:
+        super().__init__(**kw)
+        self.v6_next_hops = v6_next_hops  # IPv4 neighbour -> global IPv6 next hop to send it ("" or absent: none)
+        self.originate = originate  # IPv6 prefixes the ToR announces itself
+
+    def config_text(self) -> str:
+        base = super().config_text()
+        tail = "!\nline vty\n!\n"
+        assert base.endswith(tail)
+        v4 = [n for n in self.neighbors if ":" not in n.address]
+        lines = [" address-family ipv6 unicast", "  maximum-paths 16" if self.ecmp else "  maximum-paths 1"]
+        lines += [f"  network {p}" for p in self.originate]
+        maps: list[str] = []
+        for k, n in enumerate(v4, start=1):
+            lines.append(f"  neighbor {n.address} activate")
+            nh = self.v6_next_hops.get(n.address)
+            if nh:
+                lines.append(f"  neighbor {n.address} route-map v6nh-{k} out")
+                maps += [f"route-map v6nh-{k} permit 10", f" set ipv6 next-hop global {nh}", "!"]
+        lines.append(" exit-address-family")
+        return base[: -len(tail)] + "\n".join(lines + ["!"] + maps) + "\n" + tail
+
+
 class BgpTopo:
     def __init__(self, prefix: str, nodes: int = 2, tors: int = 1, router: str = "frr", hold: int = 3,
                  keepalive: int = 1, gr_time: int = 120, passwords: dict[int, str] | None = None,
                  tor_passwords: dict[int, str] | None = None, extra_config: dict[str, Any] | None = None,
                  log_level: str = "INFO", status_interval: float = 0.2,
-                 asns: dict[int, int] | None = None, v6: bool = False) -> None:
+                 asns: dict[int, int] | None = None, v6: bool = False, v6_design: str = "separate",
+                 tor_v6_next_hop: bool = True, tor_link_v6: bool = True,
+                 tor_originate6: tuple[str, ...] = ()) -> None:
         assert prefix.startswith("rtd-bgp")
+        assert v6_design in ("separate", "over-v4")
         self.prefix = prefix
         self.n = nodes
         self.t = tors
@@ -56,6 +93,11 @@ class BgpTopo:
         self.log_level = log_level
         self.status_interval = status_interval
         self.v6 = v6  # dual stack: IPv6 links, sessions and pod CIDRs next to the IPv4 ones
+        self.v6_design = v6_design
+        self.tor_v6_next_hop = tor_v6_next_hop
+        self.tor_link_v6 = tor_link_v6
+        self.tor_originate6 = tor_originate6
+        self.extra_peer_spec: dict[int, dict[str, Any]] = {}  # node i -> fields merged into its BGPPeers' spec
         self.asns = asns or {}  # node i -> AS (default 65000 + i); TOR_ASN for iBGP
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
         os.chmod(self.workdir, 0o755)
@@ -105,9 +147,10 @@ class BgpTopo:
                 netns.veth(self.tor_ns(t), f"n{i}", ns, f"t{t}")
                 netns.ns_run(self.tor_ns(t), ["ip", "addr", "add", f"{self.tor_addr(i, t)}/24", "dev", f"n{i}"])
                 netns.ns_run(ns, ["ip", "addr", "add", f"{self.node_addr(i, t)}/24", "dev", f"t{t}"])
-                if self.v6:
+                if self.v6 and self.tor_link_v6:
                     netns.ns_run(self.tor_ns(t), ["ip", "addr", "add", f"{self.tor_addr6(i, t)}/64", "dev", f"n{i}",
                                                   "nodad"])
+                if self.v6:
                     netns.ns_run(ns, ["ip", "addr", "add", f"{self.node_addr6(i, t)}/64", "dev", f"t{t}", "nodad"])
             if self.v6:
                 netns.ns_run(ns, ["ip", "addr", "add", f"fd10:{i}::1/128", "dev", "lo"])
@@ -117,11 +160,20 @@ class BgpTopo:
         return self.asns.get(i, 65000 + i)
 
     def start_tor(self, t: int = 1, kind: str | None = None) -> Router:
-        r = make_router(kind or self.kind, workdir=os.path.join(self.workdir, f"tor{t}"), hold_time=self.hold,
-                        keepalive=self.keepalive)
+        kind = kind or self.kind
+        workdir = os.path.join(self.workdir, f"tor{t}")
+        r: Router
+        if self.v6 and self.v6_design == "over-v4":
+            assert kind == "frr", "IPv6 over the IPv4 session: the harness configures FRR ToRs only"
+            hops = {self.node_addr(i, t): self.tor_addr6(i, t) if self.tor_v6_next_hop else ""
+                    for i in range(1, self.n + 1)}
+            r = FrrV6OverV4(hops, self.tor_originate6, workdir=workdir, hold_time=self.hold,
+                            keepalive=self.keepalive)
+        else:
+            r = make_router(kind, workdir=workdir, hold_time=self.hold, keepalive=self.keepalive)
         neighbors = [Neighbor(self.node_addr(i, t), self.node_asn(i), self.tor_passwords.get(i))
                      for i in range(1, self.n + 1)]
-        if self.v6:
+        if self.v6 and self.v6_design == "separate":
             neighbors += [Neighbor(self.node_addr6(i, t), self.node_asn(i), self.tor_passwords.get(i))
                           for i in range(1, self.n + 1)]
         r.start(self.tor_ns(t), TOR_ASN, f"10.{t}.255.1", neighbors)
@@ -144,9 +196,14 @@ class BgpTopo:
                 peer: dict[str, Any] = {"peerIP": self.tor_addr(i, t), "asNumber": TOR_ASN, "node": node_name(i)}
                 if i in self.passwords:
                     peer["password"] = {"secretKeyRef": {"name": "bgp-passwords", "key": f"node{i}"}}
+                if self.v6 and self.v6_design == "over-v4":
+                    peer["addressFamilies"] = ["IPv4", "IPv6"]
+                    if self.t > 1:  # the default (the node's first IPv6 address) is on ToR 1's link only
+                        peer["ipv6NextHop"] = self.node_addr6(i, t)
+                peer.update(self.extra_peer_spec.get(i, {}))
                 objs.append({"apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
                              "metadata": {"name": f"tor{t}-{node_name(i)}"}, "spec": peer})
-                if self.v6:
+                if self.v6 and self.v6_design == "separate":
                     objs.append({"apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
                                  "metadata": {"name": f"tor{t}-{node_name(i)}-v6"},
                                  "spec": dict(peer, peerIP=self.tor_addr6(i, t))})
@@ -237,6 +294,12 @@ class BgpTopo:
         else:
             routes = r.kernel_routes() + (r.kernel_routes(6) if self.v6 else [])
         return {x["prefix"]: x["nexthops"] for x in routes}
+
+    def ping6(self, src: int, dst: int, count: int = 3, interval: float = 0.2,
+              timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return netns.ns_run(self.node_ns(src), ["ping", "-6", "-q", "-n", "-c", str(count), "-i", str(interval),
+                                                "-W", "1", "-I", f"fd10:{src}::1", f"fd10:{dst}::1"],
+                            check=False, timeout=timeout)
 
     def ping(self, src: int, dst: int, count: int = 3, interval: float = 0.2,
              timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -253,13 +253,110 @@ def test_as_per_rack_frr_as_override(request):
     assert topo.ping(1, 2).returncode == 0
 
 
+def advertised_hops(topo, i):
+    """{(peer, prefix): next hop} of what node i's ExaBGP reported it sent."""
+    return {(r["peer"], r["prefix"]): r["nextHop"] for r in topo.status(i)["advertised"]}
+
+
 @pytest.mark.parametrize("router", ["frr", "bird"])
 def test_dual_stack(request, router):
+    """Design (a): a separate IPv6 session per link; each session carries its own family only."""
     topo = make(request, nodes=2, router=router, v6=True)
     start_all(topo)
     assert topo.tor_routes()["fd10:1::/64"] == [topo.node_addr6(1)]
     assert topo.node_routes(1)["fd10:2::/64"] == [topo.tor_addr6(1)]
     assert topo.node_routes(1)["10.244.2.0/24"] == [topo.tor_addr(1)]
-    out = netns.ns_run(topo.node_ns(1), ["ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", "-I", "fd10:1::1",
-                                         "fd10:2::1"], check=False)
-    assert out.returncode == 0, out.stdout
+    run_and_expect(lambda: advertised_hops(topo, 1), {(topo.tor_addr(1), "10.244.1.0/24"): topo.node_addr(1),
+                                                      (topo.tor_addr6(1), "fd10:1::/64"): topo.node_addr6(1)},
+                   10, ignore=(Exception,)).check("each family advertised on its own session, explicit next hop")
+    assert topo.ping6(1, 2).returncode == 0
+
+
+def test_ipv6_over_the_ipv4_session(request):
+    """Design (b): IPv6 unicast over the IPv4 session (BGPPeer addressFamilies [IPv4, IPv6]): the ToR's kernel
+    gets each node's IPv6 pod CIDR via the node's global IPv6 address, the nodes learn each other's via the
+    ToR's (FRR route-map `set ipv6 next-hop global`); End-of-RIB in both families; reload and restart keep it."""
+    topo = make(request, nodes=2, v6=True, v6_design="over-v4", gr_time=60)
+    start_all(topo)
+    tor = topo.tor_routes()
+    for i in (1, 2):
+        assert tor[f"fd10:{i}::/64"] == [topo.node_addr6(i)], tor
+        assert tor[f"10.244.{i}.0/24"] == [topo.node_addr(i)], tor
+    assert topo.node_routes(1)["fd10:2::/64"] == [topo.tor_addr6(1)]
+    assert topo.node_routes(2)["fd10:1::/64"] == [topo.tor_addr6(2)]
+    st = topo.status(1)
+    (peer,) = st["status"]["peers"]
+    assert peer["address"] == topo.tor_addr(1) and peer["state"] == "established"
+    assert st["status"]["errors"] == []
+    run_and_expect(lambda: advertised_hops(topo, 1), {(topo.tor_addr(1), "10.244.1.0/24"): topo.node_addr(1),
+                                                      (topo.tor_addr(1), "fd10:1::/64"): topo.node_addr6(1)},
+                   10, ignore=(Exception,)).check("both families on the IPv4 session, explicit next hops")
+    run_and_expect(lambda: {r["prefix"]: r for r in topo.status(1)["received"]},  # the status file lags a little
+                   {"fd10:2::/64": {"nextHop": topo.tor_addr6(1), "accepted": True, "peer": topo.tor_addr(1)},
+                    "fd10:1::/64": {"accepted": False, "rejected": "own AS in path"}},
+                   10, ignore=(Exception,)).check("node2's IPv6 CIDR learned over the IPv4 session")
+    run_and_expect(lambda: topo.status(1)["status"], {"peers": [{"eorReceived": True, "eorSent": True}], "synced": True},
+                   10, ignore=(Exception,)).check("End-of-RIB of both families from FRR")
+    assert topo.ping6(1, 2).returncode == 0 and topo.ping(1, 2).returncode == 0
+
+    # a peer change (node1 drops IPv6 from the session) is a reload, not a restart; the ToR loses fd10:1::/64
+    # (the families are negotiated in the OPEN: ExaBGP re-establishes that one session)
+    pid = topo.exabgp_pid(1)
+    reloads = topo.status(1)["status"]["exabgpReloads"]
+    topo.extra_peer_spec = {1: {"addressFamilies": ["IPv4"]}}
+    topo.write_spec(1)
+    run_and_expect(lambda: "fd10:1::/64" not in topo.tor_routes(), bool, 20,
+                   ignore=(Exception,)).check("IPv6 gone from the ToR")
+    run_and_expect(lambda: topo.status(1)["status"]["exabgpReloads"] > reloads, bool, 10,
+                   ignore=(Exception,)).check("reloaded")
+    assert topo.exabgp_pid(1) == pid and "10.244.1.0/24" in topo.tor_routes()
+    topo.extra_peer_spec = {}
+    topo.write_spec(1)
+    run_and_expect(lambda: topo.tor_routes().get("fd10:1::/64") == [topo.node_addr6(1)], bool, 20,
+                   ignore=(Exception,)).check("IPv6 back on the ToR after the reload")
+    run_and_expect(topo.converged, bool, 20, ignore=(Exception,)).check("converged again")
+    assert topo.exabgp_pid(1) == pid
+
+    # ExaBGP killed: restarted; the ToR (GR helper) keeps both families meanwhile; node1 keeps its routes
+    before = topo.node_routes(1)
+    os.kill(pid, signal.SIGKILL)
+    run_and_expect(lambda: topo.exabgp_pid(1) not in (None, pid), bool, 10,
+                   ignore=(Exception,)).check("ExaBGP restarted by the speaker")
+    tor = topo.tor_routes()
+    assert tor["fd10:1::/64"] == [topo.node_addr6(1)] and tor["10.244.1.0/24"] == [topo.node_addr(1)]
+    run_and_expect(lambda: established(topo, 1) and topo.status(1)["status"]["peers"][0]["eorReceived"], bool, 15,
+                   ignore=(Exception,)).check("re-established, End-of-RIB of both families")
+    assert topo.node_routes(1) == before
+    assert topo.ping6(1, 2).returncode == 0
+
+
+def test_ipv6_over_the_ipv4_session_dual_tor_ecmp(request):
+    """Design (b) with two ToRs: each BGPPeer names its link's ipv6NextHop; node1's kernel gets node2's IPv6
+    CIDR from both ToRs as one ECMP route."""
+    topo = make(request, nodes=2, tors=2, v6=True, v6_design="over-v4")
+    start_all(topo, tors=2)
+    for t in (1, 2):
+        assert topo.tor_routes(t)["fd10:1::/64"] == [topo.node_addr6(1, t)]
+    both = sorted([topo.tor_addr6(1, 1), topo.tor_addr6(1, 2)])
+    run_and_expect(lambda: topo.node_routes(1).get("fd10:2::/64"), lambda hops: hops == both, 15,
+                   ignore=(Exception,)).check("IPv6 ECMP route")
+    assert topo.node_routes(1)["10.244.2.0/24"] == sorted([topo.tor_addr(1, 1), topo.tor_addr(1, 2)])
+    assert topo.ping6(1, 2).returncode == 0
+
+
+def test_ipv4_mapped_next_hop_rejected(request):
+    """FRR's default for IPv6 over an IPv4 session without an IPv6 next hop (no route-map, no IPv6 on its link):
+    ::ffff:<its IPv4>. The node reports the route as rejected and never installs it."""
+    topo = make(request, nodes=1, v6=True, v6_design="over-v4", tor_v6_next_hop=False, tor_link_v6=False,
+                tor_originate6=("fd99::/48",))
+    topo.start_tor()
+    topo.start_node(1)
+
+    def received():
+        return {r["prefix"]: r for r in topo.status(1)["received"]}
+
+    got = run_and_expect(lambda: received().get("fd99::/48"), bool, 20, ignore=(Exception,)).check(
+        f"fd99::/48 received; logs:\n{topo.logs()}")
+    assert got["nextHop"] in ("::ffff:10.1.1.1", "::ffff:a01:101"), got  # as ExaBGP spells it
+    assert not got["accepted"] and got["rejected"].startswith("IPv4-mapped next hop ::ffff:10.1.1.1"), got
+    holds_for(lambda: "fd99::/48" in topo.node_routes(1), False, 1.0).check("never installed")

@@ -2,8 +2,16 @@ import base64
 
 import pytest
 
-from routed.bgp.config import BgpConfigError, parse_configuration, parse_peer, resolve
-from routed.bgp.exabgp_conf import render
+from routed.bgp.config import (
+    BgpConfigError,
+    derived_router_id,
+    first_addresses,
+    next_hop_for,
+    parse_configuration,
+    parse_peer,
+    resolve,
+)
+from routed.bgp.exabgp_conf import environment, render
 from routed.model import Node
 
 
@@ -121,3 +129,143 @@ def test_exabgp_render():
 def test_peer_kind_checked():
     with pytest.raises(BgpConfigError, match="expected BGPPeer"):
         parse_peer({"kind": "Pod", "metadata": {"name": "x"}, "spec": {}})
+
+
+# -- IPv6 ------------------------------------------------------------------------------------------
+
+DUAL = ("10.1.1.2", "fd00:1:1::2")
+
+
+def dual(name="n1", addrs=DUAL, cidrs=("10.244.1.0/24", "fd10:1::/64"), labels=None):
+    return Node(name=name, labels=labels or {}, pod_cidrs=tuple(cidrs), addresses=tuple(addrs))
+
+
+def family_block(text, address):
+    block = text.split(f"neighbor {address} {{", 1)[1].split("\n}", 1)[0]
+    return block.split("family {", 1)[1].split("}", 1)[0].split()
+
+
+def test_separate_ipv6_session():
+    peers = [peer("tor", peerIP="10.1.1.1", asNumber=65100), peer("tor-v6", peerIP="fd00:1:1::1", asNumber=65100)]
+    res = resolve(dual(), [], peers, [], {})
+    assert res.errors == []
+    v4, v6 = res.config.peers
+    assert (v4.address, v4.families, v4.local_address, v4.next_hops) == ("10.1.1.1", (4,), "10.1.1.2",
+                                                                         ((4, "10.1.1.2"),))
+    assert (v6.address, v6.families, v6.local_address, v6.next_hops) == ("fd00:1:1::1", (6,), "fd00:1:1::2",
+                                                                         ((6, "fd00:1:1::2"),))
+    assert v6.next_hop(4) == "" and v6.next_hop(6) == "fd00:1:1::2"
+    text = render(res.config, "/s", python="/py")
+    assert family_block(text, "10.1.1.1") == ["ipv4", "unicast;"]
+    assert family_block(text, "fd00:1:1::1") == ["ipv6", "unicast;"]
+    assert "local-address fd00:1:1::2;" in text
+    assert "next-hop" not in text  # next hops go over the API, explicitly per route
+
+
+def test_ipv6_over_the_ipv4_session():
+    peers = [peer("tor", peerIP="10.1.1.1", asNumber=65100, addressFamilies=["IPv4", "IPv6"])]
+    res = resolve(dual(addrs=("10.1.1.2", "10.9.9.9", "fd00:1:1::2", "fd00:9::2")), [], peers, [], {})
+    assert res.errors == []
+    (p,) = res.config.peers
+    # the session's own family: the local address; the other family: the node's first address of it
+    assert p.families == (4, 6) and p.next_hops == ((4, "10.1.1.2"), (6, "fd00:1:1::2"))
+    assert family_block(render(res.config, "/s", python="/py"), "10.1.1.1") == ["ipv4", "unicast;", "ipv6",
+                                                                               "unicast;"]
+    over = [peer("tor", peerIP="10.1.1.1", asNumber=65100, addressFamilies=["IPv6", "IPv4"],
+                 ipv6NextHop="fd00:9::2", ipv4NextHop="10.9.9.9")]
+    (p,) = resolve(dual(), [], over, [], {}).config.peers
+    assert p.families == (4, 6) and p.next_hops == ((4, "10.9.9.9"), (6, "fd00:9::2"))
+
+
+def test_family_without_next_hop_is_reported_by_peer_name_and_not_announced():
+    peers = [peer("tor", peerIP="10.1.1.1", asNumber=65100, addressFamilies=["IPv4", "IPv6"])]
+    res = resolve(node(), [], peers, [], {})  # IPv4-only node
+    (p,) = res.config.peers
+    assert p.families == (4, 6) and p.next_hops == ((4, "10.1.1.2"),) and p.next_hop(6) == ""
+    assert len(res.errors) == 1 and res.errors[0].startswith("BGPPeer tor: no IPv6 next hop")
+    assert "ipv6NextHop" in res.errors[0]
+    # a link-local InternalIP is no next hop either
+    res = resolve(dual(addrs=("10.1.1.2", "fe80::2")), [], peers, [], {})
+    assert res.config.peers[0].next_hop(6) == "" and "no IPv6 next hop" in res.errors[0]
+    # the override fills the gap
+    fixed = [peer("tor", peerIP="10.1.1.1", asNumber=65100, addressFamilies=["IPv4", "IPv6"],
+                  ipv6NextHop="2001:db8::2")]
+    res = resolve(node(), [], fixed, [], {})
+    assert res.errors == [] and res.config.peers[0].next_hop(6) == "2001:db8::2"
+
+
+def test_next_hop_fields_validated():
+    def bad(match, **spec):
+        with pytest.raises(BgpConfigError, match=match):
+            parse_peer(peer("x", peerIP="10.1.1.1", asNumber=1, **spec))
+
+    bad("spec.ipv6NextHop.*link-local", addressFamilies=["IPv4", "IPv6"], ipv6NextHop="fe80::1")
+    bad("spec.ipv6NextHop.*IPv4-mapped", addressFamilies=["IPv4", "IPv6"], ipv6NextHop="::ffff:10.1.1.2")
+    bad("spec.ipv6NextHop.*unspecified", addressFamilies=["IPv4", "IPv6"], ipv6NextHop="::")
+    bad("spec.ipv4NextHop.*unspecified", ipv4NextHop="0.0.0.0")
+    bad("spec.ipv4NextHop.*not an IPv4", ipv4NextHop="fd00::1")
+    bad("ipv6NextHop is set but IPv6 is not one of the session's addressFamilies", ipv6NextHop="fd00::2")
+    bad("duplicate address family", addressFamilies=["IPv4", "IPv4"])
+    bad("spec.addressFamilies", addressFamilies=["IPv5"])
+    _, spec = parse_peer(peer("x", peerIP="fd00::1", asNumber=1, ipv6NextHop="FD00:0::2"))
+    assert spec.families() == (6,) and spec.ipv6NextHop == "fd00::2"
+
+
+def test_router_id_for_ipv6_only_nodes():
+    v6only = dual(addrs=("fd00:1:1::2",), cidrs=("fd10:1::/64",))
+    res = resolve(v6only, [v6only], [peer("tor", peerIP="fd00:1:1::1", asNumber=65100)], [], {})
+    assert res.errors == [] and res.config is not None
+    rid = res.config.router_id
+    assert rid == derived_router_id("n1") == resolve(v6only, [], [], [], {}).config.router_id  # stable
+    assert resolve(dual("n2", addrs=("fd00:1:2::2",)), [], [], [], {}).config.router_id != rid
+    assert resolve(dual(addrs=("fd00:1:1::2", "10.1.1.2")), [], [], [], {}).config.router_id == "10.1.1.2"
+    assert resolve(v6only, [], [], [conf("node.n1", routerID="192.0.2.1")], {}).config.router_id == "192.0.2.1"
+    for i in range(3000):
+        first = int(derived_router_id(f"node-{i}").split(".")[0])
+        assert 1 <= first <= 223, i
+    (p,) = res.config.peers
+    assert p.next_hops == ((6, "fd00:1:1::2"),)
+    assert "router-id " + rid + ";" in render(res.config, "/s", python="/py")
+
+
+def test_ipv4_peer_of_an_ipv6_only_node_reports_the_missing_next_hop():
+    v6only = dual(addrs=("fd00:1:1::2",), cidrs=("fd10:1::/64",))
+    res = resolve(v6only, [], [peer("tor", peerIP="10.1.1.1", asNumber=65100)], [], {})
+    assert res.config.peers[0].next_hops == () and res.errors[0].startswith("BGPPeer tor: no IPv4 next hop")
+
+
+def test_mesh_per_family():
+    nodes = [dual("n1", ("10.1.0.2", "fd00::2")), dual("n2", ("10.1.0.3", "fd00::3")),
+             dual("n0", ("fd00::1", "10.1.0.1")),  # order of the addresses does not matter
+             node("v4", "10.1.0.9"), dual("v6", ("fd00::9",), cidrs=("fd10:9::/64",))]
+    cfg = resolve(nodes[0], nodes, [], [conf(asNumber=65000, nodeToNodeMesh=True)], {}).config
+    got = {(p.address, p.name, p.passive, p.families, p.local_address, p.next_hops) for p in cfg.peers}
+    assert got == {
+        ("10.1.0.3", "mesh:n2", False, (4,), "10.1.0.2", ((4, "10.1.0.2"),)),
+        ("fd00::3", "mesh:n2", False, (6,), "fd00::2", ((6, "fd00::2"),)),
+        ("10.1.0.1", "mesh:n0", True, (4,), "10.1.0.2", ((4, "10.1.0.2"),)),
+        ("fd00::1", "mesh:n0", True, (6,), "fd00::2", ((6, "fd00::2"),)),
+        ("10.1.0.9", "mesh:v4", False, (4,), "10.1.0.2", ((4, "10.1.0.2"),)),
+        ("fd00::9", "mesh:v6", False, (6,), "fd00::2", ((6, "fd00::2"),)),
+    }
+    assert cfg.listen
+    # the v6-only node meshes over IPv6 only, and listens for the lower addresses there
+    v6cfg = resolve(nodes[4], nodes, [], [conf(asNumber=65000, nodeToNodeMesh=True)], {}).config
+    assert {(p.address, p.passive) for p in v6cfg.peers} == {("fd00::1", True), ("fd00::2", True), ("fd00::3", True)}
+
+
+def test_listening_binds_the_first_address_of_each_family():
+    nodes = [dual("n1", ("10.1.0.2", "10.7.0.2", "fe80::2", "fd00::2", "fd00::7")), dual("n0", ("10.1.0.1", "fd00::1"))]
+    cfg = resolve(nodes[0], nodes, [], [conf(nodeToNodeMesh=True)], {}).config
+    assert first_addresses(cfg.local_addresses) == ("10.1.0.2", "fd00::2")
+    assert environment(cfg, 0, "/pid")["exabgp_tcp_bind"] == "10.1.0.2 fd00::2"
+    assert environment(resolve(nodes[0], [], [], [], {}).config, 0, "/pid")["exabgp_tcp_bind"] == ""
+
+
+def test_next_hop_for():
+    addrs = ("10.1.1.2", "10.2.1.2", "fe80::1", "fd00:1:1::2", "fd00:2:1::2")
+    assert next_hop_for(addrs, "10.2.1.1", 4) == "10.2.1.2"
+    assert next_hop_for(addrs, "fd00:2:1::1", 6) == "fd00:2:1::2"
+    assert next_hop_for(addrs, "10.2.1.1", 6) == "fd00:1:1::2"  # another family: the first one
+    assert next_hop_for(addrs, "10.2.1.1", 6, "fd00:2:1::2") == "fd00:2:1::2"
+    assert next_hop_for(("10.1.1.2",), "10.2.1.1", 6) == ""

@@ -4,7 +4,8 @@ import json
 from routed.bgp.config import resolve
 from routed.bgp.manager import BgpInputs, BgpManager
 from routed.bgp.rib import parse_message
-from routed.bgp.speaker import Speaker
+from routed.bgp.services import Advertisement
+from routed.bgp.speaker import Speaker, restart_key
 from routed.config import BgpOptions
 from routed.model import Node
 from routed.routes import ApplyResult
@@ -53,13 +54,13 @@ def test_up_replays_then_eor_and_cidr_change(tmp_path):
         sp = speaker(tmp_path)
         sp.handle(msg(type="state", state="up"), 1.0)
         w = sp._writer
-        assert w.lines == ["neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop self community [ 65000:100 ]",
+        assert w.lines == ["neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
                            "neighbor 10.1.1.1 announce eor ipv4 unicast"]
         w.lines.clear()
         node = Node(name="n1", pod_cidrs=("10.245.1.0/24",), addresses=("10.1.1.2",))
         sp.configure(resolve(node, [node], PEERS, CONFIGS, {}).config)  # same sessions: API only
-        assert w.lines == ["neighbor 10.1.1.1 withdraw route 10.244.1.0/24 next-hop self",
-                           "neighbor 10.1.1.1 announce route 10.245.1.0/24 next-hop self community [ 65000:100 ]"]
+        assert w.lines == ["neighbor 10.1.1.1 withdraw route 10.244.1.0/24 next-hop 10.1.1.2",
+                           "neighbor 10.1.1.1 announce route 10.245.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]"]
     asyncio.run(run())
 
 
@@ -226,20 +227,206 @@ def test_bfd_block_parsed_and_kept_out_of_exabgps_config():
 
 
 def test_service_prefixes_announced_and_withdrawn_over_the_api(tmp_path):
-    from routed.bgp.services import Advertisement
-
     async def run():
         sp = speaker(tmp_path)
         sp.handle(msg(type="state", state="up"), 1.0)
         sp._writer.lines.clear()
         vip = Advertisement("198.51.100.5/32", "loadBalancerIP", ("demo/web",), ("65000:300",))
         sp.set_service_routes({vip.prefix: vip})
-        assert sp._writer.lines == ["neighbor 10.1.1.1 announce route 198.51.100.5/32 next-hop self "
+        assert sp._writer.lines == ["neighbor 10.1.1.1 announce route 198.51.100.5/32 next-hop 10.1.1.2 "
                                     "community [ 65000:100 65000:300 ]"]
         assert sp.route_source("198.51.100.5/32") == "Service demo/web"
         sp._writer.lines.clear()
         sp.set_service_routes({vip.prefix: vip})  # the same set again: nothing sent
         assert sp._writer.lines == []
         sp.set_service_routes({})
-        assert sp._writer.lines == ["neighbor 10.1.1.1 withdraw route 198.51.100.5/32 next-hop self"]
+        assert sp._writer.lines == ["neighbor 10.1.1.1 withdraw route 198.51.100.5/32 next-hop 10.1.1.2"]
+    asyncio.run(run())
+
+
+# -- IPv6 ------------------------------------------------------------------------------------------
+
+DUAL = Node(name="n1", pod_cidrs=("10.244.1.0/24", "fd10:1::/64"), addresses=("10.1.1.2", "fd00:1:1::2"))
+BOTH = [{"kind": "BGPPeer", "metadata": {"name": "tor"},
+         "spec": {"peerIP": "10.1.1.1", "asNumber": 65100, "addressFamilies": ["IPv4", "IPv6"]}}]
+SEPARATE = PEERS + [{"kind": "BGPPeer", "metadata": {"name": "tor-v6"},
+                     "spec": {"peerIP": "fd00:1:1::1", "asNumber": 65100}}]
+V6_OPEN = {"capabilities": {"1": {"name": "multiprotocol", "families": ["ipv4/unicast", "ipv6/unicast"]},
+                            "64": {"name": "graceful restart", "time": 120}}}
+
+
+def dual_speaker(tmp_path, node=DUAL, peers=BOTH):
+    sp = Speaker(str(tmp_path))
+    res = resolve(node, [node], peers, CONFIGS, {})
+    sp.configure(res.config)
+    sp._writer = FakeWriter()
+    return sp, res
+
+
+def msg_from(peer, **neighbor):
+    return parse_message(json.dumps({"type": neighbor.pop("type"), "neighbor": {"address": {"peer": peer},
+                                                                                 **neighbor}}))
+
+
+def assert_explicit_next_hops(lines):
+    for line in lines:
+        if " announce route " in line or " withdraw route " in line:
+            nh = line.split(" next-hop ", 1)[1].split()[0]
+            assert nh not in ("self", "0.0.0.0", "::"), line
+            prefix = line.split(" route ", 1)[1].split()[0]
+            assert (":" in nh) == (":" in prefix), line
+
+
+def test_ipv6_over_the_ipv4_session_explicit_next_hops_and_eor_per_family(tmp_path):
+    async def run():
+        sp, res = dual_speaker(tmp_path)
+        assert res.errors == []
+        vip = Advertisement("fd20::5/128", "loadBalancerIP", ("demo/web",), ())
+        sp.set_service_routes({vip.prefix: vip})
+        sp._writer.lines.clear()
+        sp.handle(msg(type="open", direction="receive", open=V6_OPEN), 0.5)
+        sp.handle(msg(type="state", state="up"), 1.0)  # replayed, then End-of-RIB per family
+        w = sp._writer
+        assert w.lines == [
+            "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
+            "neighbor 10.1.1.1 announce route fd10:1::/64 next-hop fd00:1:1::2 community [ 65000:100 ]",
+            "neighbor 10.1.1.1 announce route fd20::5/128 next-hop fd00:1:1::2 community [ 65000:100 ]",
+            "neighbor 10.1.1.1 announce eor ipv4 unicast",
+            "neighbor 10.1.1.1 announce eor ipv6 unicast",
+        ]
+        st = sp.peers["10.1.1.1"]
+        assert st.eor_sent and not st.eor_received
+        sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv4", "safi": "unicast"}}), 1.1)
+        assert not st.eor_received  # IPv6's is still due
+        sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv6", "safi": "unicast"}}), 1.2)
+        assert st.eor_received and sp.peer_status(st)["eorReceived"]
+        # a pod CIDR change: the withdrawal names the same next hop as the announcement
+        w.lines.clear()
+        node = Node(name="n1", pod_cidrs=("10.244.1.0/24", "fd10:2::/64"), addresses=DUAL.addresses)
+        sp.configure(resolve(node, [node], BOTH, CONFIGS, {}).config)
+        assert w.lines == ["neighbor 10.1.1.1 withdraw route fd10:1::/64 next-hop fd00:1:1::2",
+                           "neighbor 10.1.1.1 announce route fd10:2::/64 next-hop fd00:1:1::2 community [ 65000:100 ]"]
+        w.lines.clear()
+        await sp.stop(graceful=True)
+        assert sorted(w.lines) == ["neighbor 10.1.1.1 withdraw route 10.244.1.0/24 next-hop 10.1.1.2",
+                                   "neighbor 10.1.1.1 withdraw route fd10:2::/64 next-hop fd00:1:1::2",
+                                   "neighbor 10.1.1.1 withdraw route fd20::5/128 next-hop fd00:1:1::2"]
+    asyncio.run(run())
+
+
+def test_peer_without_ipv6_gets_no_ipv6_eor(tmp_path):
+    sp, _ = dual_speaker(tmp_path)
+    v4_only = {"capabilities": {"1": {"name": "multiprotocol", "families": ["ipv4/unicast"]}}}
+    sp.handle(msg(type="open", direction="receive", open=v4_only), 0.5)
+    sp.handle(msg(type="state", state="up"), 1.0)
+    assert [line for line in sp._writer.lines if " eor " in line] == ["neighbor 10.1.1.1 announce eor ipv4 unicast"]
+    st = sp.peers["10.1.1.1"]
+    assert st.negotiated == (4,) and st.eor_sent
+    sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv4", "safi": "unicast"}}), 1.1)
+    assert st.eor_received
+
+
+def test_separate_sessions_each_carry_their_own_family(tmp_path):
+    sp, res = dual_speaker(tmp_path, peers=SEPARATE)
+    assert res.errors == []
+    sp.handle(msg(type="state", state="up"), 1.0)
+    sp.handle(msg_from("fd00:1:1::1", type="state", state="up"), 1.0)
+    assert sp._writer.lines == [
+        "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
+        "neighbor 10.1.1.1 announce eor ipv4 unicast",
+        "neighbor fd00:1:1::1 announce route fd10:1::/64 next-hop fd00:1:1::2 community [ 65000:100 ]",
+        "neighbor fd00:1:1::1 announce eor ipv6 unicast",
+    ]
+
+
+def test_family_without_next_hop_is_never_announced(tmp_path):
+    v4node = Node(name="n1", pod_cidrs=("10.244.1.0/24", "fd10:1::/64"), addresses=("10.1.1.2",))
+    sp, res = dual_speaker(tmp_path, node=v4node)
+    assert any(e.startswith("BGPPeer tor: no IPv6 next hop") for e in res.errors)
+    sp.set_service_routes({"fd20::5/128": Advertisement("fd20::5/128", "clusterIP", (), ())})
+    sp.handle(msg(type="state", state="up"), 1.0)
+    lines = sp._writer.lines
+    assert not any("fd10:1::/64" in line or "fd20::5" in line for line in lines), lines
+    assert lines[0] == "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]"
+    assert_explicit_next_hops(lines)
+
+
+def test_announcements_never_use_next_hop_self_or_unspecified(tmp_path):
+    v6only = Node(name="n1", pod_cidrs=("fd10:1::/64",), addresses=("fd00:1:1::2",))
+    mesh = [{"kind": "BGPConfiguration", "metadata": {"name": "default"},
+             "spec": {"asNumber": 65001, "nodeToNodeMesh": True}}]
+    other = Node(name="n2", pod_cidrs=("10.244.2.0/24", "fd10:2::/64"), addresses=("10.1.1.3", "fd00:1:1::3"))
+    cases = [(DUAL, BOTH, CONFIGS), (DUAL, SEPARATE, CONFIGS), (v6only, SEPARATE, CONFIGS),
+             (DUAL, [], mesh), (v6only, [], mesh)]
+    for k, (node, peers, configs) in enumerate(cases):
+        (tmp_path / str(k)).mkdir()
+        sp = Speaker(str(tmp_path / str(k)))
+        sp.configure(resolve(node, [node, other], peers, configs, {}).config)
+        sp._writer = FakeWriter()
+        sp.set_service_routes({"fd20::5/128": Advertisement("fd20::5/128", "clusterIP", (), ()),
+                               "192.0.2.5/32": Advertisement("192.0.2.5/32", "clusterIP", (), ())})
+        for p in sp.cfg.peers:
+            sp.handle(msg_from(p.address, type="state", state="up"), 1.0)
+            for ann in sp.desired_announcements(p).values():
+                assert ann.next_hop not in ("", "0.0.0.0", "::") and "self" not in ann.command, ann
+        assert any(" announce route " in line for line in sp._writer.lines), k
+        assert_explicit_next_hops(sp._writer.lines)
+
+
+def test_graceful_restart_stale_routes_per_family(tmp_path):
+    async def run():
+        sp, _ = dual_speaker(tmp_path)
+        sp.handle(msg(type="open", direction="receive", open=V6_OPEN), 0.5)
+        sp.handle(msg(type="state", state="up"), 1.0)
+        u = {"attribute": {"as-path": {"0": {"element": "as-sequence", "value": [65100, 65002]}}},
+             "announce": {"ipv4 unicast": {"10.1.1.1": [{"nlri": "10.244.2.0/24"}]},
+                          "ipv6 unicast": {"fd00:1:1::1": [{"nlri": "fd10:2::/64"}]}}}
+        sp.handle(msg(type="update", direction="receive", message={"update": u}), 1.1)
+        assert sp.rib.desired() == {"10.244.2.0/24": frozenset({"10.1.1.1"}), "fd10:2::/64": frozenset({"fd00:1:1::1"})}
+        sp.handle(msg(type="state", state="down", reason="closing connection"), 2.0)  # TCP loss: stale
+        sp.handle(msg(type="open", direction="receive", open=V6_OPEN), 2.5)
+        sp.handle(msg(type="state", state="up"), 3.0)
+        sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv4", "safi": "unicast"}}), 3.1)
+        assert set(sp.rib.desired()) == {"fd10:2::/64"}  # IPv4 re-sent nothing; IPv6 not done yet
+        assert "10.1.1.1" in sp._timers
+        sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv6", "safi": "unicast"}}), 3.2)
+        assert sp.rib.desired() == {} and "10.1.1.1" not in sp._timers
+        # the peer comes back without IPv6: its stale IPv6 routes go at once, no End-of-RIB will come for them
+        sp.handle(upd(announce=["10.244.2.0/24"]), 3.3)
+        sp.handle(msg(type="update", direction="receive", message={"update": u}), 3.4)
+        sp.handle(msg(type="state", state="down", reason="closing connection"), 4.0)
+        sp.handle(msg(type="open", direction="receive",
+                      open={"capabilities": {"1": {"name": "multiprotocol", "families": ["ipv4/unicast"]},
+                                             "64": {"name": "graceful restart", "time": 120}}}), 4.5)
+        sp.handle(msg(type="state", state="up"), 5.0)
+        assert set(sp.rib.desired()) == {"10.244.2.0/24"}
+        sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv4", "safi": "unicast"}}), 5.1)
+        assert sp.rib.desired() == {} and sp.peers["10.1.1.1"].eor_received and "10.1.1.1" not in sp._timers
+    asyncio.run(run())
+
+
+def test_listening_on_both_families_is_a_restart_everything_else_a_reload(tmp_path):
+    class Running:
+        returncode = None
+        pid = 4242
+
+    mesh = [{"kind": "BGPConfiguration", "metadata": {"name": "default"},
+             "spec": {"asNumber": 65001, "nodeToNodeMesh": True}}]
+    lower = Node(name="n0", pod_cidrs=("10.244.0.0/24",), addresses=("10.1.0.9", "fd00::9"))
+    v4 = resolve(NODE, [NODE, lower], [], mesh, {}).config
+    both = resolve(DUAL, [DUAL, lower], [], mesh, {}).config
+    assert restart_key(v4) == (True, ("10.1.1.2",)) and restart_key(both) == (True, ("10.1.1.2", "fd00:1:1::2"))
+
+    async def run():
+        sp, _ = dual_speaker(tmp_path, peers=PEERS)
+        sp._proc = Running()  # type: ignore[assignment]
+        sp._restart.clear()
+        sp.configure(resolve(DUAL, [DUAL], BOTH, CONFIGS, {}).config)  # IPv6 added to the session: a reload
+        assert sp._reload_wanted.is_set() and not sp._restart.is_set()
+        assert "ipv6 unicast;" in open(sp.conf_path).read()
+        sp.configure(v4)
+        assert sp._restart.is_set()  # it listens now
+        sp._restart.clear()
+        sp.configure(both)  # and an IPv6 address to listen on appears
+        assert sp._restart.is_set()
     asyncio.run(run())
