@@ -5,7 +5,10 @@ Both run interleaved in one run, each against its own pod namespace, from inside
 runtime does (env + stdin, fresh process per call); the bench process enters the node namespace itself so neither
 side pays for `ip netns exec`.
 
-    .venv/bin/python bench/cni_latency.py [--cycles 200] [--agent routed|harness]
+    .venv/bin/python bench/cni_latency.py [--cycles 200] [--agent routed|harness] [--dual-stack]
+
+--dual-stack: both sides hand out an IPv4 and an IPv6 address per pod (routed: two pod CIDRs on the Node;
+ptp: host-local with one range per family).
 
 routed-cni is the static executable scripts/bootstrap builds from cni/shim/routed-cni.c (.venv/bin/routed-cni).
 `routed` (default) serves the calls with the real `routed agent` (policy and BGP off: CNI latency only);
@@ -78,7 +81,10 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--agent", choices=["routed", "harness"], default="routed")
+    parser.add_argument("--dual-stack", action="store_true", help="an IPv4 and an IPv6 address per pod")
     args = parser.parse_args()
+    our_cidrs = ["10.90.0.0/16", "fd00:90::/64"] if args.dual_stack else ["10.90.0.0/16"]
+    ref_ranges = [[{"subnet": "10.91.0.0/16"}]] + ([[{"subnet": "fd00:91::/64"}]] if args.dual_stack else [])
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -99,15 +105,21 @@ def main() -> int:
         netns.ns_run(up, ["ip", "addr", "add", "192.168.78.1/24", "dev", "dn0"])
         netns.ns_run(host, ["ip", "route", "add", "default", "via", "192.168.78.1"])
         netns.sysctl(host, "net.ipv4.ip_forward", "1")
+        if args.dual_stack:
+            netns.ns_run(host, ["ip", "addr", "add", "fd00:78::2/64", "dev", "up0", "nodad"])
+            netns.ns_run(up, ["ip", "addr", "add", "fd00:78::1/64", "dev", "dn0", "nodad"])
+            netns.ns_run(host, ["ip", "-6", "route", "add", "default", "via", "fd00:78::1"])
+            netns.sysctl(host, "net.ipv6.conf.all.forwarding", "1")
         env = dict(os.environ)
         if args.agent == "harness":
             cmd = [PYTHON, HARNESS, "--socket", sock, "--state-dir", os.path.join(tmp, "state"),
-                   "--pod-cidr", "10.90.0.0/16", "--log-file", os.path.join(tmp, "agent.log")]
+                   *[a for c in our_cidrs for a in ("--pod-cidr", c)], "--log-file", os.path.join(tmp, "agent.log")]
         else:
             manifests = Path(tmp, "manifests")
             manifests.mkdir()
             (manifests / "node.yaml").write_text(
                 "apiVersion: v1\nkind: Node\nmetadata:\n  name: bench\nspec:\n  podCIDR: 10.90.0.0/16\n"
+                f"  podCIDRs: [{', '.join(our_cidrs)}]\n"
             )
             env.update({"ROUTED_POLICY__ENABLED": "false", "ROUTED_BGP__ENABLED": "false"})
             cmd = [ROUTED, "agent", "--node", "bench", "--manifest-dir", str(manifests), "--state-dir",
@@ -128,7 +140,7 @@ def main() -> int:
         ours_conf = json.dumps({"cniVersion": "1.0.0", "name": "bench", "type": "routed-cni", "socketPath": sock,
                                 "logFile": os.path.join(tmp, "cni.log"), "mtu": args.mtu}).encode()
         ref_conf = json.dumps({"cniVersion": "1.0.0", "name": "bench-ref", "type": "ptp", "ipMasq": False,
-                               "mtu": args.mtu, "ipam": {"type": "host-local", "subnet": "10.91.0.0/16",
+                               "mtu": args.mtu, "ipam": {"type": "host-local", "ranges": ref_ranges,
                                                          "dataDir": os.path.join(tmp, "host-local")}}).encode()
         setns_path(netns.netns_path(host))  # this process (and the plugins it runs) now live in the node namespace
         times: dict[str, dict[str, list[float]]] = {
@@ -145,7 +157,8 @@ def main() -> int:
                     times[name]["add"].append(t_add)
                     times[name]["del"].append(t_del)
                     times[name]["cycle"].append(t_add + t_del)
-        print(f"{args.cycles} ADD+DEL cycles each, interleaved; static routed-cni, agent {args.agent} (ms)")
+        stack = "dual-stack (IPv4 + IPv6 per pod)" if args.dual_stack else "IPv4"
+        print(f"{args.cycles} ADD+DEL cycles each, interleaved, {stack}; static routed-cni, agent {args.agent} (ms)")
         print(f"{'':16} {'ADD p50':>8} {'ADD p95':>8} {'DEL p50':>8} {'DEL p95':>8} {'cyc p50':>8} {'cyc p95':>8}")
         for name, t in times.items():
             row = [pct(t[k], q) * 1000 for k in ("add", "del", "cycle") for q in (0.5, 0.95)]
@@ -163,8 +176,8 @@ def main() -> int:
                   f" DEL {statistics.median(agent_ms['DEL']):.1f} (the rest is the shim's process and the socket)")
         ours, ref = times["routed-cni"], times["ptp+host-local"]
         for k in ("add", "del", "cycle"):
-            print(f"ratio ours/reference {k:5} p50 {statistics.median(ours[k]) / statistics.median(ref[k]):.2f}"
-                  f"  p95 {pct(ours[k], 0.95) / pct(ref[k], 0.95):.2f}")
+            print(f"ratio ours/reference {k:5} p50 {statistics.median(ours[k]) / statistics.median(ref[k]):.3f}"
+                  f"  p95 {pct(ours[k], 0.95) / pct(ref[k], 0.95):.3f}")
         return 0
     finally:
         if _libc.setns(home, CLONE_NEWNET) != 0:

@@ -6,13 +6,16 @@ node2, in three set-ups measured in the same run, interleaved:
   routed, 1,000 policies      — all selecting the server pod (999 that never match, 1 that allows the client)
   kernel VXLAN overlay        — the same nodes, pod traffic routed through a VXLAN device (what Flannel runs)
 and prints the ratios: policy / baseline (goal ≥ 0.97) and routed / VXLAN.
+`--family 6` runs it all on an IPv6-only lab: IPv6 pods, ip6tables policies (IPv6 ipBlocks), and the VXLAN
+overlay over the nodes' IPv6 addresses.
 
-Usage: .venv/bin/python bench/datapath.py [--seconds 4] [--rounds 2] [--policies 1000]
+Usage: .venv/bin/python bench/datapath.py [--seconds 4] [--rounds 2] [--policies 1000] [--family 4|6]
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import statistics
 import subprocess
@@ -27,7 +30,12 @@ from routed import api, netns
 from routed.lab.lab import Lab
 
 IPERF_PORT = 5201
-VXLAN_NET = "100.64.0"
+VXLAN_NET = {4: ("100.64.0.{}", 24), 6: ("fd00:6464::{}", 64)}  # the overlay's own addresses per family
+
+
+def noise_cidr(i: int, family: int) -> str:
+    """Distinct source networks of the never-matching policies."""
+    return f"172.{16 + i // 250 % 16}.{i % 250}.0/24" if family == 4 else f"fd00:172:{i:x}::/64"
 
 
 def pods_manifest() -> str:
@@ -41,13 +49,13 @@ def pods_manifest() -> str:
     return yaml.safe_dump_all(docs)
 
 
-def policies_manifest(count: int) -> str:
+def policies_manifest(count: int, family: int = 4) -> str:
     docs: list[dict[str, Any]] = []
     for i in range(count - 1):  # never match the benchmark's traffic, but all select the server pod
         docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                      "metadata": {"name": f"noise-{i}", "namespace": "bench"},
                      "spec": {"podSelector": {"matchLabels": {"app": "server"}},
-                              "ingress": [{"from": [{"ipBlock": {"cidr": f"172.{16 + i // 250 % 16}.{i % 250}.0/24"}}],
+                              "ingress": [{"from": [{"ipBlock": {"cidr": noise_cidr(i, family)}}],
                                            "ports": [{"port": 1000 + i, "protocol": "TCP"}]}]}})
     docs.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                  "metadata": {"name": "allow-client", "namespace": "bench"},
@@ -94,17 +102,19 @@ class Vxlan:
     def __init__(self, lab: Lab) -> None:
         self.state = lab.state()
         self.nodes = self.state.nodes[:2]
+        self.family = ipaddress.ip_address(self.nodes[0].address).version  # the lab's first family
 
     def up(self) -> None:
+        template, plen = VXLAN_NET[self.family]
         for i, node in enumerate(self.nodes):
             peer = self.nodes[1 - i]
             ns = node.netns
             netns.run(["ip", "-n", ns, "link", "add", "vx0", "type", "vxlan", "id", "42", "local", node.address,
                        "remote", peer.address, "dstport", "4789", "dev", "eth0"])
-            netns.run(["ip", "-n", ns, "addr", "add", f"{VXLAN_NET}.{i + 1}/24", "dev", "vx0"])
+            netns.run(["ip", "-n", ns, "addr", "add", f"{template.format(i + 1)}/{plen}", "dev", "vx0", "nodad"])
             netns.run(["ip", "-n", ns, "link", "set", "vx0", "up"])
-            netns.run(["ip", "-n", ns, "route", "replace", peer.pod_cidr, "via", f"{VXLAN_NET}.{2 - i}", "dev", "vx0",
-                       "onlink"])
+            netns.run(["ip", "-n", ns, "route", "replace", peer.pod_cidr, "via", template.format(2 - i), "dev",
+                       "vx0", "onlink"])
 
     def down(self) -> None:
         for i, node in enumerate(self.nodes):
@@ -117,17 +127,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--policies", type=int, default=1000)
+    parser.add_argument("--family", type=int, choices=[4, 6], default=4, help="6: an IPv6-only lab")
     args = parser.parse_args()
 
     lab = Lab("bdp")
     work = Path(tempfile.mkdtemp(prefix="rtd-bench-"))
     (work / "pods.yaml").write_text(pods_manifest())
-    (work / "policies.yaml").write_text(policies_manifest(args.policies))
+    (work / "policies.yaml").write_text(policies_manifest(args.policies, args.family))
     results: dict[str, dict[str, list[float]]] = {}
     try:
-        lab.up(nodes=2, files=[str(work / "pods.yaml")], tor="static")  # VXLAN routes stand in for the fabric
+        lab.up(nodes=2, files=[str(work / "pods.yaml")], tor="static",  # VXLAN routes stand in for the fabric
+               ip_family="ipv4" if args.family == 4 else "ipv6")
         state = lab.state()
         client, server = state.pods["bench/client"], state.pods["bench/server"]
+        server_ip = next(ip for ip in server.ips if ipaddress.ip_address(ip).version == args.family)
         iperf_server = subprocess.Popen(netns.ns_cmd(server.netns, ["iperf3", "-s", "-p", str(IPERF_PORT)]),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         vxlan = Vxlan(lab)
@@ -142,8 +155,8 @@ def main() -> None:
                         vxlan.up()
                     try:
                         row = results.setdefault(setup, {"tcp_gbps": [], "udp64_pps": []})
-                        row["tcp_gbps"].append(iperf(client.netns, server.ips[0], args.seconds, udp=False))
-                        row["udp64_pps"].append(iperf(client.netns, server.ips[0], args.seconds, udp=True))
+                        row["tcp_gbps"].append(iperf(client.netns, server_ip, args.seconds, udp=False))
+                        row["udp64_pps"].append(iperf(client.netns, server_ip, args.seconds, udp=True))
                     finally:
                         if setup == "vxlan":
                             vxlan.down()
@@ -157,7 +170,7 @@ def main() -> None:
         lab.down(quiet=True)
 
     med = {s: {k: statistics.median(v) for k, v in row.items()} for s, row in results.items()}
-    print(f"datapath: client pod on node1 -> server pod on node2 through the ToR; {args.rounds} rounds x "
+    print(f"datapath (IPv{args.family}): client pod on node1 -> server pod on node2 through the ToR; {args.rounds} rounds x "
           f"{args.seconds}s, medians; {args.policies} policies selecting the server "
           f"({report.get('rules')} rules, {report.get('ipsets')} ipsets on node2)")
     print(f"{'setup':<18} {'TCP Gbit/s':>11} {'UDP 64B pps':>12}")

@@ -1,12 +1,15 @@
 """BGP in the lab: real ToR routers (FRR, BIRD 2 or GoBGP) and the BGPConfiguration/BGPPeer objects the agents read.
 
-Each ToR peers with the uplink address of every node attached to it; each node gets one BGPPeer per ToR.
+Each ToR peers with the uplink addresses of every node attached to it; each node gets one BGPPeer per ToR and
+IP family (a separate IPv6 session beside the IPv4 one in a dual-stack lab: `<node>-<tor>` for the first
+family, `<node>-<tor>-v6` for IPv6 next to IPv4).
 ASNs follow the lab topology: AS per node (default), AS per rack (from the node's rack label), or iBGP with
 the ToR as route reflector.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -35,11 +38,17 @@ def _router(lab: Any, tor: TorState, state: LabState) -> Router:
 
 def _neighbors(tor: TorState, state: LabState) -> list[Neighbor]:
     return [
-        Neighbor(address=up["address"], asn=node.asn)
+        Neighbor(address=address, asn=node.asn)
         for node in state.nodes
         for up in node.uplinks
         if up["tor"] == tor.name
+        for address in up.get("addresses") or [up["address"]]
     ]
+
+
+def peer_name(node: str, tor: str, index: int, address: str) -> str:
+    """The BGPPeer of one session: `<node>-<tor>` for the first family, `-v6` for IPv6 beside IPv4."""
+    return f"{node}-{tor}" if index == 0 else f"{node}-{tor}-v{ipaddress.ip_address(address).version}"
 
 
 def bgp_objects(state: LabState) -> list[dict[str, Any]]:
@@ -60,13 +69,14 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
     for node in state.nodes:
         for up in node.uplinks:
             tor = next(t for t in state.tors if t.name == up["tor"])
-            peer_spec: dict[str, Any] = {"peerIP": up["tor_address"], "asNumber": tor.asn, "node": node.name}
-            if state.bfd:
-                peer_spec["bfd"] = dict(BFD_TIMERS)
-            objects.append({
-                "apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
-                "metadata": {"name": f"{node.name}-{tor.name}"}, "spec": peer_spec,
-            })
+            for index, address in enumerate(up.get("tor_addresses") or [up["tor_address"]]):
+                peer_spec: dict[str, Any] = {"peerIP": address, "asNumber": tor.asn, "node": node.name}
+                if state.bfd:
+                    peer_spec["bfd"] = dict(BFD_TIMERS)
+                objects.append({
+                    "apiVersion": "routed.dev/v1alpha1", "kind": "BGPPeer",
+                    "metadata": {"name": peer_name(node.name, tor.name, index, address)}, "spec": peer_spec,
+                })
     return objects
 
 
@@ -82,7 +92,8 @@ def start_routers(lab: Any, state: LabState) -> None:
 
 def router_sessions(lab: Any, state: LabState, tor: TorState) -> list[dict[str, Any]]:
     sessions = _router(lab, tor, state).sessions()
-    by_address = {up["address"]: node.name for node in state.nodes for up in node.uplinks}
+    by_address = {a: node.name for node in state.nodes for up in node.uplinks
+                  for a in up.get("addresses") or [up["address"]]}
     return [{**s, "node": by_address.get(s["peer"], ""), "prefixes": s.get("received", "")} for s in sessions]
 
 

@@ -26,6 +26,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--topology", choices=["as-per-node", "as-per-rack", "ibgp"], default="as-per-node")
     up.add_argument("--datastore", choices=["manifest", "kube"], default="manifest",
                     help="kube: a real kube-apiserver holds every object; agents use deploy/'s RBAC")
+    up.add_argument("--ip-family", choices=["ipv4", "ipv6", "dual"], default="ipv4",
+                    help="how uplinks, ToRs and pods are addressed (dual: every pod gets an IPv4 and an IPv6 address)")
     up.add_argument("--runtime", choices=["process", "containerd"], default="process",
                     help="containerd: a real containerd per node runs the agent image and the pods (CRI sandboxes)")
     cmds.add_parser("down", help="remove the lab (and any leftovers of a crashed one)")
@@ -39,6 +41,8 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
     mx.add_argument("--protocols", default="", help="comma-separated: tcp,udp")
     mx.add_argument("--timeout", type=float, default=1.0)
     mx.add_argument("--json", action="store_true")
+    mx.add_argument("--family", type=int, choices=[4, 6], default=None,
+                    help="probe the pods' IPv4 or IPv6 addresses (default: the lab's first family)")
     cr = cmds.add_parser("crictl", help="crictl against a node's containerd (--runtime containerd)")
     cr.add_argument("node")
     cr.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -48,11 +52,13 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    out = [f"lab {status['lab']} (ToR: {status['tor']}, datastore: {status.get('datastore', 'manifest')})", "",
-           "NODES"]
+    out = [f"lab {status['lab']} (ToR: {status['tor']}, datastore: {status.get('datastore', 'manifest')}, "
+           f"IP family: {status.get('ipFamily', 'ipv4')})", "", "NODES"]
     out.append(table(
-        [{**n, "reasons": "" if n["ready"] else "; ".join(n["reasons"])} for n in status["nodes"]],
-        ["name", "address", "pod_cidr", "asn", "ready", "endpoints", "reasons"],
+        [{**n, "reasons": "" if n["ready"] else "; ".join(n["reasons"]),
+          "addresses": n.get("addresses") or [n["address"]], "pod CIDRs": n.get("pod_cidrs") or [n["pod_cidr"]]}
+         for n in status["nodes"]],
+        ["name", "addresses", "pod CIDRs", "asn", "ready", "endpoints", "reasons"],
     ).rstrip())
     for tor in status["tors"]:
         out += ["", f"{tor['name'].upper()} ({tor['kind']}, AS {tor['asn']}) kernel routes"]
@@ -105,7 +111,7 @@ def run_lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_cmd == "up":
             lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology,
-                   datastore=args.datastore, runtime=args.runtime, bfd=args.bfd)
+                   datastore=args.datastore, runtime=args.runtime, bfd=args.bfd, ip_family=args.ip_family)
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":
@@ -121,7 +127,7 @@ def run_lab(args: argparse.Namespace) -> int:
         elif args.lab_cmd == "matrix":
             ports = [int(p) for p in args.ports.split(",") if p.strip()]
             protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-            rows = lab.matrix(ports or None, protocols or None, timeout=args.timeout)
+            rows = lab.matrix(ports or None, protocols or None, timeout=args.timeout, family=args.family)
             if args.json:
                 keys = ("from", "to", "port", "protocol", "allowed")
                 sys.stdout.write(json.dumps({"results": [{k: r[k] for k in keys} for r in rows]}, indent=1) + "\n")

@@ -37,14 +37,18 @@ def desired_from_rib(rib: dict[str, Any]) -> dict[str, frozenset[str]]:
 
 
 async def read_rib(port: int) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        "gobgp", "-u", "127.0.0.1", "-p", str(port), "global", "rib", "-a", "ipv4", "-j",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError("gobgp did not answer")
-    return json.loads(out or b"{}") or {}
+    """GoBGP's global RIB of both families, prefix -> paths."""
+    rib: dict[str, Any] = {}
+    for family in ("ipv4", "ipv6"):
+        proc = await asyncio.create_subprocess_exec(
+            "gobgp", "-u", "127.0.0.1", "-p", str(port), "global", "rib", "-a", family, "-j",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError("gobgp did not answer")
+        rib |= json.loads(out or b"{}") or {}
+    return rib
 
 
 async def run(port: int, interval: float) -> None:

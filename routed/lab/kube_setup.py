@@ -24,6 +24,9 @@ TOKEN_DURATION = "48h"
 NODE_KUBECONFIG = "node-components.kubeconfig"
 
 
+SERVICE_CIDRS = {4: "10.96.0.0/16", 6: "fd00:96::/108"}  # the apiserver's Service ranges per lab family
+
+
 def _store(lab: Any, state: LabState) -> KubeStore:
     return KubeStore(state.control_plane["netns"], str(lab.paths.kube_dir / "admin.kubeconfig"))
 
@@ -31,7 +34,8 @@ def _store(lab: Any, state: LabState) -> KubeStore:
 def start_control_plane(lab: Any, state: LabState) -> None:
     ctl = state.control_plane
     lab.paths.kube_dir.mkdir(parents=True, exist_ok=True)
-    env = [f"KUBE_TESTENV_BIND={ctl['address']}", f"KUBE_TESTENV_API_PORT={API_PORT}"]
+    env = [f"KUBE_TESTENV_BIND={ctl['address']}", f"KUBE_TESTENV_API_PORT={API_PORT}",
+           f"KUBE_TESTENV_SERVICE_CIDRS={','.join(SERVICE_CIDRS[f] for f in state.families)}"]
     proc = subprocess.run(
         netns.ns_cmd(ctl["netns"], ["env", *env, "bash", str(KUBE_TESTENV), "start", "--dir", str(lab.paths.kube_dir)]),
         capture_output=True, text=True, timeout=300,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -43,6 +44,13 @@ def poll(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
     return value
 
 
+def node_addresses(node: Any) -> list[str]:
+    """The node's InternalIPs: every uplink address, the first family's before the second's."""
+    per_uplink = [list(up.get("addresses") or [up["address"]]) for up in node.uplinks]
+    width = max((len(a) for a in per_uplink), default=0)
+    return [a[f] for f in range(width) for a in per_uplink if f < len(a)]
+
+
 def _pid_is(pid: int, needle: str) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -73,14 +81,18 @@ class Lab:
 
     def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "frr", tors: int = 1,
            topology_kind: str = "as-per-node", datastore: str = "manifest", runtime: str = "process",
-           bfd: bool = False) -> LabState:
+           bfd: bool = False, ip_family: str = "ipv4") -> LabState:
         self.down(quiet=True)
         if runtime not in ("process", "containerd"):
             raise LabError(f"runtime {runtime!r}: process or containerd")
         if bfd and tor != "frr":
             raise LabError("--bfd needs FRR ToRs (--tor frr): the lab runs FRR's bfdd against the agents")
         images = cri.prepare() if runtime == "containerd" else {}
-        state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor, datastore=datastore)
+        try:
+            state = topology.plan(self.name, nodes, tors=tors, topology=topology_kind, tor_kind=tor,
+                                  datastore=datastore, ip_family=ip_family)
+        except ValueError as exc:
+            raise LabError(str(exc)) from None
         state.runtime = runtime
         state.bfd = bfd
         self.paths.root.mkdir(parents=True, exist_ok=True)
@@ -134,9 +146,9 @@ class Lab:
                 "name": node.name,
                 "labels": {"kubernetes.io/hostname": node.name, topology.RACK_LABEL: node.rack},
             },
-            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
-            # every uplink address is an InternalIP: a dual-homed node speaks BGP from each
-            "status": {"addresses": [{"type": "InternalIP", "address": up["address"]} for up in node.uplinks]
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": node.cidrs()},
+            # every uplink address is an InternalIP: a dual-homed node speaks BGP from each (first family first)
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in node_addresses(node)]
                        + [{"type": "Hostname", "address": node.name}]},
         }
 
@@ -221,7 +233,7 @@ class Lab:
     def wait_routes(self, state: LabState, timeout: float = 30.0) -> bool:
         """Until every node has installed a BGP route to every other node's pod CIDR (so `up` shows a converged
         fabric). Only a wait: a lab whose fabric does not converge is still up, and `status` shows why."""
-        others = len(state.nodes) - 1
+        others = (len(state.nodes) - 1) * len(state.families)  # one pod CIDR per family from each other node
 
         def converged() -> bool:
             return all(((self.agent_status(n.name) or {}).get("bgp") or {}).get("routesInstalled", 0) >= others
@@ -350,14 +362,17 @@ class Lab:
             agent = self.agent_status(node.name) or {}
             nodes.append({
                 "name": node.name, "address": node.address, "pod_cidr": node.pod_cidr, "asn": node.asn,
+                "addresses": node_addresses(node), "pod_cidrs": node.cidrs(),
                 "ready": agent.get("ready", False), "reasons": agent.get("reasons", ["agent not answering"]),
                 "endpoints": agent.get("endpoints", 0), "bgp": agent.get("bgp", {}),
             })
         tors = []
         for tor in state.tors:
-            routes = netns.run(["ip", "-n", tor.netns, "-j", "route", "show"], check=False).stdout
-            entry: dict[str, Any] = {"name": tor.name, "kind": tor.kind, "asn": tor.asn,
-                                     "routes": json.loads(routes or "[]")}
+            routes: list[dict[str, Any]] = []
+            for version in state.families:
+                out = netns.run(["ip", "-n", tor.netns, f"-{version}", "-j", "route", "show"], check=False).stdout
+                routes += [r for r in json.loads(out or "[]") if not str(r.get("dst", "")).startswith("fe80:")]
+            entry: dict[str, Any] = {"name": tor.name, "kind": tor.kind, "asn": tor.asn, "routes": routes}
             if tor.kind != "static":
                 from routed.lab.bgp_setup import router_sessions
 
@@ -373,7 +388,7 @@ class Lab:
             for p in state.pods.values()
         ]
         return {"lab": self.name, "tor": state.tor_kind, "datastore": state.datastore, "runtime": state.runtime,
-                "bfd": state.bfd, "nodes": nodes, "tors": tors,
+                "ipFamily": state.ip_family, "bfd": state.bfd, "nodes": nodes, "tors": tors,
                 "pods": pod_rows}
 
     def probe_external(self, ip: str, port: int, protocol: str = "TCP", timeout: float = 1.0) -> dict[str, Any]:
@@ -390,8 +405,13 @@ class Lab:
         return dict(json.loads(proc.stdout)["results"][0])
 
     def matrix(self, ports: list[int] | None = None, protocols: list[str] | None = None,
-               timeout: float = 1.0) -> list[dict[str, Any]]:
+               timeout: float = 1.0, family: int | None = None) -> list[dict[str, Any]]:
+        """Probe every pod port from every pod; `family` 4 or 6 picks the pods' address of that family
+        (default: the lab's first family). Pods without an address of the family are left out."""
         state = self.state()
+        family = family or state.families[0]
+        if family not in state.families:
+            raise LabError(f"this lab is {state.ip_family}: it has no IPv{family} pods")
         wanted_protocols = {p.upper() for p in protocols} if protocols else None
         targets = []
         for pod in state.pods.values():
@@ -400,7 +420,7 @@ class Lab:
                     continue
                 if wanted_protocols and port["protocol"] not in wanted_protocols:
                     continue
-                for ip in pod.ips[:1]:
+                for ip in [a for a in pod.ips if ipaddress.ip_address(a).version == family][:1]:
                     targets.append({"to": pod.key, "ip": ip, "port": port["port"], "protocol": port["protocol"]})
 
         def probe_from(src: PodState) -> list[dict[str, Any]]:
@@ -409,10 +429,11 @@ class Lab:
                                   input=request, capture_output=True, text=True, timeout=timeout * 4 + 30)
             if proc.returncode != 0:
                 raise LabError(f"probe from {src.key} failed: {proc.stderr.strip()}")
-            return [{"from": src.key, "from_ip": src.ips[0] if src.ips else "", **r}
+            own = [a for a in src.ips if ipaddress.ip_address(a).version == family]
+            return [{"from": src.key, "from_ip": own[0] if own else "", **r}
                     for r in json.loads(proc.stdout)["results"]]
 
-        sources = list(state.pods.values())
+        sources = [p for p in state.pods.values() if any(ipaddress.ip_address(a).version == family for a in p.ips)]
         if not sources or not targets:
             return []
         with ThreadPoolExecutor(max_workers=min(32, len(sources))) as pool:

@@ -18,7 +18,18 @@ log = logging.getLogger("routed.lab.podserver")
 
 
 def reply(name: str, client: str) -> bytes:
+    if client.startswith("::ffff:") and "." in client:  # an IPv4 client of the dual-stack socket
+        client = client[len("::ffff:"):]
     return json.dumps({"pod": name, "client": client}).encode() + b"\n"
+
+
+def dual_stack_socket(kind: socket.SocketKind, port: int) -> socket.socket:
+    """One socket on [::]:port taking IPv4 (as mapped addresses) and IPv6, whatever the pod's families."""
+    sock = socket.socket(socket.AF_INET6, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    return sock
 
 
 class UdpResponder(asyncio.DatagramProtocol):
@@ -44,10 +55,11 @@ async def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
             writer.close()
 
     loop = asyncio.get_running_loop()
-    servers = [await asyncio.start_server(on_tcp, "0.0.0.0", port, reuse_address=True) for port in tcp_ports]
+    servers = [await asyncio.start_server(on_tcp, sock=dual_stack_socket(socket.SOCK_STREAM, port))
+               for port in tcp_ports]
     for port in udp_ports:
-        await loop.create_datagram_endpoint(lambda: UdpResponder(name), local_addr=("0.0.0.0", port),
-                                            family=socket.AF_INET)
+        await loop.create_datagram_endpoint(lambda: UdpResponder(name),
+                                            sock=dual_stack_socket(socket.SOCK_DGRAM, port))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -320,6 +320,9 @@ class FrrRouter(Router):
             except (RouterError, json.JSONDecodeError):
                 continue
             for peer, info in (data.get("peers") or {}).items():
+                if _family(peer) != (4 if fam == "ipv4" else 6) and any(
+                        n.address == peer for n in self.neighbors):
+                    continue  # a session's own family counts its prefixes (FRR lists it under IPv4 too)
                 result.append({"peer": peer, "state": str(info.get("state", "")),
                                "asn": int(info.get("remoteAs", 0)), "received": info.get("pfxRcd", 0)})
         seen: set[str] = set()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LAB_ROOT = "/run/routed-lab"
+FAMILIES = {"ipv4": (4,), "ipv6": (6,), "dual": (4, 6)}  # --ip-family → IP versions, the first is primary
 
 
 class LabPaths:
@@ -68,11 +69,17 @@ class LabPaths:
 class NodeState:
     name: str
     netns: str
-    address: str  # InternalIP (uplink address)
-    pod_cidr: str
+    address: str  # InternalIP (uplink address) of the lab's first IP family
+    pod_cidr: str  # the pod CIDR of the first family (spec.podCIDR)
     asn: int = 0
     rack: str = ""
-    uplinks: list[dict[str, str]] = field(default_factory=list)  # {"ifname", "address", "tor", "tor_address"}
+    # {"ifname", "address", "tor", "tor_ifname", "tor_address", "addresses", "tor_addresses"}: address and
+    # tor_address of the first family; the lists hold one per family (IPv4 first in a dual-stack lab)
+    uplinks: list[dict[str, Any]] = field(default_factory=list)
+    pod_cidrs: list[str] = field(default_factory=list)  # spec.podCIDRs: one per family, the first = pod_cidr
+
+    def cidrs(self) -> list[str]:
+        return self.pod_cidrs or [self.pod_cidr]
 
 
 @dataclass
@@ -109,14 +116,19 @@ class LabState:
     topology: str = "as-per-node"
     datastore: str = "manifest"  # manifest | kube
     runtime: str = "process"  # process (agents as processes, pods by executing routed-cni) | containerd
-    control_plane: dict[str, str] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
-    external: dict[str, str] = field(default_factory=dict)  # the client outside the cluster: {"netns", "address", ...}
+    control_plane: dict[str, Any] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
+    external: dict[str, Any] = field(default_factory=dict)  # the client outside the cluster: {"netns", "address", ...}
+    ip_family: str = "ipv4"  # ipv4 | ipv6 | dual: how uplinks, ToRs and pods are addressed
     bfd: bool = False  # BFD between every node and its ToRs (FRR bfdd on the ToRs, the agent's BFD on the nodes)
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
     pods: dict[str, PodState] = field(default_factory=dict)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ns/name" -> the Service as applied
     endpoint_slices: dict[str, dict[str, Any]] = field(default_factory=dict)  # Service key -> slice written
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return FAMILIES[self.ip_family]
 
     def node(self, name: str) -> NodeState:
         for node in self.nodes:
@@ -141,6 +153,7 @@ class LabState:
             runtime=data.get("runtime", "process"),
             control_plane=data.get("control_plane", {}),
             external=data.get("external", {}),
+            ip_family=data.get("ip_family", "ipv4"),
             bfd=bool(data.get("bfd", False)),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],

@@ -49,7 +49,10 @@ def agent_command(paths: LabPaths, node: str, netns_name: str) -> list[str]:
     ]
 
 
-def kube_proxy_command(paths: LabPaths, node: str, netns_name: str) -> list[str]:
+CLUSTER_CIDRS = {4: "10.244.0.0/16", 6: "fd00:10:244::/56"}  # every node's pod CIDR of a family lies inside
+
+
+def kube_proxy_command(paths: LabPaths, node: str, netns_name: str, families: tuple[int, ...] = (4,)) -> list[str]:
     """kube-proxy as on a node, confined to the node's namespace: the conntrack tunables it would write are
     global to the kernel, so every one of them is left alone (0 = do not set)."""
     from routed.lab.kube_setup import NODE_KUBECONFIG
@@ -58,7 +61,7 @@ def kube_proxy_command(paths: LabPaths, node: str, netns_name: str) -> list[str]
     return [
         "ip", "netns", "exec", netns_name, str(Path(kube_bindir()) / "kube-proxy"),
         "--kubeconfig", str(paths.kube_dir / NODE_KUBECONFIG), "--hostname-override", node,
-        "--proxy-mode", "iptables", "--cluster-cidr", "10.244.0.0/16",
+        "--proxy-mode", "iptables", "--cluster-cidr", ",".join(CLUSTER_CIDRS[f] for f in families),
         "--conntrack-max-per-core", "0", "--conntrack-min", "0",
         "--conntrack-tcp-timeout-established", "0", "--conntrack-tcp-timeout-close-wait", "0",
         "--metrics-bind-address", "127.0.0.1:10249", "--healthz-bind-address", "127.0.0.1:10256", "--v", "1",
@@ -70,6 +73,7 @@ class Supervisor:
         self.paths = LabPaths(lab)
         state = LabState.load(self.paths)
         self.runtime = state.runtime
+        self.families = state.families
         self.shared = [str(self.paths.cluster_dir)] if state.datastore != "kube" else [
             str(self.paths.kube_dir / "pki"), *(str(self.paths.node_dir(n.name) / "kubeconfig") for n in state.nodes)]
         self.children = [Supervised(node=n.name, netns=n.netns) for n in state.nodes]
@@ -80,7 +84,10 @@ class Supervisor:
 
     def _start(self, child: Supervised) -> None:
         log_path = self.paths.node_dir(child.node) / f"{child.kind}.stdout"
-        command = (agent_command if child.kind == "agent" else kube_proxy_command)(self.paths, child.node, child.netns)
+        if child.kind == "agent":
+            command = agent_command(self.paths, child.node, child.netns)
+        else:
+            command = kube_proxy_command(self.paths, child.node, child.netns, self.families)
         with open(log_path, "ab") as out:
             child.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()

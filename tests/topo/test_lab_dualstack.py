@@ -1,0 +1,135 @@
+"""Dual-stack and IPv6-only labs: every pod gets an address per family, each ToR kind (FRR, BIRD, GoBGP)
+learns every node's IPv6 pod CIDR over BGP into its kernel, and IPv6 pod traffic crosses the fabric with the
+pods' own addresses (no NAT, no encapsulation)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from routed import netns
+from routed.lab.lab import Lab
+from routed.lab.routers import kernel_routes
+from routed.lab.state import LabState
+from tests.helpers import run_and_expect
+
+pytestmark = [pytest.mark.requires_root, pytest.mark.topo]
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lab", "two-nodes.yaml")
+
+
+def v6(ips: list[str]) -> str:
+    return next(ip for ip in ips if ipaddress.ip_address(ip).version == 6)
+
+
+def expect_tor_routes(state: LabState, family: int) -> None:
+    """Each ToR's kernel: every node's pod CIDR of `family` via that node's uplink address of the family, by BGP."""
+    for tor in state.tors:
+        want = {}
+        for node in state.nodes:
+            cidr = next(c for c in node.cidrs() if ipaddress.ip_network(c).version == family)
+            up = next(u for u in node.uplinks if u["tor"] == tor.name)
+            want[cidr] = [next(a for a in up["addresses"] if ipaddress.ip_address(a).version == family)]
+
+        def learned(tor_ns: str = tor.netns, wanted: dict[str, list[str]] = want) -> dict[str, list[str]]:
+            return {r["prefix"]: r["nexthops"] for r in kernel_routes(tor_ns, family) if r["prefix"] in wanted}
+
+        run_and_expect(learned, want, timeout=30).check(f"{tor.name} ({tor.kind}) kernel routes, IPv{family}")
+        protocols = {r["prefix"]: r["protocol"] for r in kernel_routes(tor.netns, family) if r["prefix"] in want}
+        assert set(protocols.values()) == {"bgp"}, protocols
+
+
+def expect_matrix(lab: Lab, family: int) -> None:
+    rows = run_and_expect(lambda: lab.matrix(family=family), lambda rs: rs and all(r["allowed"] for r in rs),
+                          timeout=20).check(f"every IPv{family} probe allowed")
+    for row in rows:
+        assert ipaddress.ip_address(row["ip"]).version == family
+        assert row["server"] == row["to"]
+        assert row["client_seen"] == row["from_ip"], f"NAT seen on {row}"
+
+
+@pytest.fixture(scope="module", params=["frr", "bird", "gobgp"])
+def dual_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    lab = Lab(f"tds{request.param[:2]}")
+    lab.up(nodes=3, files=[EXAMPLE], tor=request.param, ip_family="dual")
+    yield lab
+    lab.down()
+    assert netns.list_ours(f"rtd-{lab.name}-") == []
+
+
+def test_every_pod_has_both_families(dual_lab: Lab) -> None:
+    state = dual_lab.state()
+    assert len(state.pods) == 4
+    for pod in state.pods.values():
+        cidrs = state.node(pod.node).cidrs()
+        assert [ipaddress.ip_address(ip).version for ip in pod.ips] == [4, 6], pod
+        for ip, cidr in zip(pod.ips, cidrs, strict=True):
+            assert ipaddress.ip_address(ip) in ipaddress.ip_network(cidr), (pod.key, ip, cidr)
+
+
+def test_tor_kernel_has_every_ipv6_pod_cidr(dual_lab: Lab) -> None:
+    state = dual_lab.state()
+    expect_tor_routes(state, 6)
+    expect_tor_routes(state, 4)
+    # and each node installed the other nodes' IPv6 pod CIDRs (proto 202) via the ToR's IPv6 address
+    for node in state.nodes:
+        routes = {r["prefix"] for r in kernel_routes(node.netns, 6, "202")}
+        others = {c for n in state.nodes if n is not node for c in n.cidrs() if ":" in c}
+        assert others <= routes, (node.name, routes)
+
+
+def test_cross_node_ipv6_tcp_udp_without_nat(dual_lab: Lab) -> None:
+    expect_matrix(dual_lab, 6)
+    expect_matrix(dual_lab, 4)
+
+
+def test_tor_link_carries_pod_ipv6_addresses(dual_lab: Lab) -> None:
+    state = dual_lab.state()
+    src, dst = state.pods["demo/client-1"], state.pods["demo/web-2"]
+    src_ip, dst_ip = v6(src.ips), v6(dst.ips)
+    uplink = state.node(src.node).uplinks[0]["tor_ifname"]
+    capture = subprocess.Popen(
+        netns.ns_cmd(state.tors[0].netns, ["tcpdump", "-l", "-n", "-c", "3", "-i", uplink,
+                                           f"ip6 and tcp and src host {src_ip} and dst host {dst_ip} and dst port 80"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert capture.stderr is not None
+        ok, banner, _ = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line,
+                                       timeout=5)
+        assert ok and "listening on" in banner, f"tcpdump not capturing: {banner!r}"
+        run_and_expect(lambda: dual_lab.matrix(ports=[80], protocols=["tcp"], family=6),
+                       lambda rows: rows and all(r["allowed"] for r in rows), timeout=10).check("IPv6 TCP 80")
+        out, _ = capture.communicate(timeout=10)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+    # tcpdump's filter matched the plain IPv6 header: the pod addresses are the outer (only) header
+    assert any(f"{src_ip}." in line and f"{dst_ip}.80" in line for line in out.splitlines()), out
+    for node in state.nodes:
+        links = json.loads(netns.run(["ip", "-n", node.netns, "-d", "-j", "link", "show"]).stdout)
+        kinds = {(link.get("linkinfo") or {}).get("info_kind") for link in links}
+        assert not kinds & {"vxlan", "ipip", "ip6tnl", "gre", "ip6gre", "geneve", "wireguard"}, kinds
+
+
+def test_ipv6_only_lab() -> None:
+    lab = Lab("tv6only")
+    try:
+        lab.up(nodes=2, files=[EXAMPLE], tor="frr", ip_family="ipv6")
+        state = lab.state()
+        for pod in state.pods.values():
+            assert [ipaddress.ip_address(ip).version for ip in pod.ips] == [6], pod
+        for node in state.nodes:  # no IPv4 address on any uplink
+            assert "inet " not in netns.run(["ip", "-n", node.netns, "addr", "show", "dev", "eth0"]).stdout
+        expect_tor_routes(state, 6)
+        expect_matrix(lab, 6)
+        status = lab.status()
+        assert status["ipFamily"] == "ipv6"
+        assert all(n["pod_cidrs"] == [n["pod_cidr"]] and ":" in n["pod_cidr"] for n in status["nodes"])
+    finally:
+        lab.down()
+    assert netns.list_ours("rtd-tv6only-") == []
