@@ -3,6 +3,11 @@
 No I/O. The dataplane renders the result; `policy.explain` evaluates the very same rule objects against
 the very same ipset members, so what `explain` says is what the kernel does.
 Rules grow with policies and local endpoints; cluster pods only ever become ipset members.
+
+Family-neutral: a set holds the members of both IP families (pod IPv4 and IPv6 addresses, `ip,proto:port` of
+either, ipBlocks of either), an endpoint plan all of the pod's addresses. The dataplane splits each set per
+family (`IpSetSpec.for_family`: the family's kernel name, only that family's members), so an IPv4 ipBlock's
+IPv6 set is empty and never matches an IPv6 flow, and vice versa.
 """
 
 from __future__ import annotations
@@ -33,12 +38,42 @@ class PolicyInputs:
     node_ips: list[str]  # this node's own addresses (host -> local pod traffic stays allowed)
 
 
+def ip_family(addr: str) -> int:
+    """4 or 6, from an address literal (cheap: runs per member)."""
+    return 6 if ":" in addr else 4
+
+
+def member_family(member: str) -> int:
+    """The family of an ipset member: `ip`, `net[ nomatch]` or `ip,proto:port`."""
+    return ip_family(member.partition(",")[0])
+
+
+def family_ips(ips: Iterable[str], family: int) -> tuple[str, ...]:
+    return tuple(ip for ip in ips if ip_family(ip) == family)
+
+
+def _valid_ips(ips: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for ip in ips:
+        try:
+            out.append(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            log.debug("ignoring %r: not an IP address", ip)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class IpSetSpec:
     name: str
     kind: str  # hash:ip | hash:net | hash:ip,port
     members: frozenset[str]  # hash:net members may end in " nomatch" (ipBlock except)
     description: str = ""
+    family: int | None = None  # None: the calculation's set (both families); 4/6: one family's kernel set
+
+    def for_family(self, family: int) -> IpSetSpec:
+        """This set as the kernel holds it in `family`: the family's name and only that family's members."""
+        members = frozenset(m for m in self.members if member_family(m) == family)
+        return IpSetSpec(names.family_ipset_name(self.name, family), self.kind, members, self.description, family)
 
     def contains(self, ip: str, proto: str = "", port: int = 0) -> bool:
         if self.kind == "hash:ip":
@@ -99,7 +134,7 @@ class PolicyPlan:
 class EndpointPlan:
     host_ifname: str
     pod_key: str
-    ips: tuple[str, ...]  # IPv4 addresses the workload may send from
+    ips: tuple[str, ...]  # the addresses the workload may send from (both families)
     from_chain: str
     to_chain: str
     ingress: tuple[str, ...] | None  # policy chains, in order; None: no policy selects (allow)
@@ -125,11 +160,6 @@ class Calculation:
     problems: list[PolicyProblem]
     host_set: str = names.IPSET_HOST
     warnings: list[str] = field(default_factory=list)
-
-
-def _v4(ips: Iterable[str]) -> tuple[str, ...]:
-    """The IPv4 addresses (the dataplane is IPv4; IPv6 addresses are skipped). Cheap: runs per pod."""
-    return tuple(ip for ip in ips if ip.count(".") == 3 and ":" not in ip)
 
 
 @dataclass(frozen=True)
@@ -161,14 +191,13 @@ def selector_set(policy_ns: str, peer: Peer) -> SetDef:
                   namespace_selector=peer.namespace_selector, pod_selector=peer.pod_selector)
 
 
-def ip_block_set(block: IpBlock) -> SetDef | None:
-    if block.version != 4:
-        return None  # the IPv4 dataplane: an IPv6 block matches nothing here
+def ip_block_set(block: IpBlock) -> SetDef:
+    """An ipBlock of either family (its set in the other family is empty)."""
     identity = f"net|{block.canonical()}"
     members: set[str] = set()
     if block.cidr not in block.excepts:
         net = ipaddress.ip_network(block.cidr)
-        # hash:net cannot hold /0: split it into two /1 halves.
+        # hash:net cannot hold /0 (0.0.0.0/0 or ::/0): split it into two /1 halves.
         parts = list(net.subnets(1)) if net.prefixlen == 0 else [net]
         members.update(str(p) for p in parts)
         members.update(f"{e} nomatch" for e in block.excepts if ipaddress.ip_network(e).prefixlen > 0)
@@ -181,8 +210,8 @@ def named_port_set(protocol: str, port_name: str) -> SetDef:
 
 
 def contributes(pod: Pod) -> bool:
-    """Only pods with their own network and an IPv4 address are ever set members."""
-    return not pod.host_network and bool(pod.ipv4)
+    """Only pods with their own network and an address (either family) are ever set members."""
+    return not pod.host_network and bool(pod.ips)
 
 
 def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -192,7 +221,7 @@ def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str,
     if d.named_port is not None:
         protocol, port_name = d.named_port
         return tuple(f"{ip},{protocol.lower()}:{cp.port}" for cp in pod.ports
-                     if cp.name == port_name and cp.protocol == protocol for ip in pod.ipv4)
+                     if cp.name == port_name and cp.protocol == protocol for ip in pod.ips)
     if d.kind != "hash:ip":
         return ()
     if d.namespace is not None:
@@ -202,16 +231,16 @@ def pod_members(d: SetDef, pod: Pod, ns_labels: Mapping[str, str]) -> tuple[str,
         return ()
     if d.pod_selector is not None and not d.pod_selector.matches(pod.labels):
         return ()
-    return pod.ipv4
+    return pod.ips
 
 
 def local_pod_ips(endpoints: Iterable[Endpoint]) -> dict[str, tuple[str, ...]]:
-    """pod key -> the IPv4 addresses of its local endpoint (the one with the greatest host interface name that has
+    """pod key -> the addresses of its local endpoint (the one with the greatest host interface name that has
     any): what a pod whose object shows no address yet is known by."""
     out: dict[str, tuple[str, ...]] = {}
     for ep in sorted(endpoints, key=lambda e: e.host_ifname):
-        if _v4(ep.ips):
-            out[ep.pod_key] = _v4(ep.ips)
+        if ep.ips:
+            out[ep.pod_key] = tuple(ep.ips)
     return out
 
 
@@ -237,8 +266,7 @@ def _rule_matches(policy: Policy, index: int, rule: Rule, define: Callable[[SetD
         peer_opts = []
         for peer in rule.peers:
             d = ip_block_set(peer.ip_block) if peer.ip_block is not None else selector_set(policy.namespace, peer)
-            if d is not None:
-                peer_opts.append({"peer_set": define(d)})
+            peer_opts.append({"peer_set": define(d)})
     port_opts: list[dict[str, Any]] = [{}]
     if rule.ports is not None:
         port_opts = [_port_matches(p, define) for p in rule.ports]
@@ -259,7 +287,8 @@ def plan_sets(plan: PolicyPlan) -> set[str]:
 
 
 def host_set(node_ips: Iterable[str]) -> IpSetSpec:
-    return IpSetSpec(names.IPSET_HOST, "hash:ip", frozenset(_v4(node_ips)), "node addresses")
+    """The node's own addresses, both families (host -> local pod traffic stays allowed)."""
+    return IpSetSpec(names.IPSET_HOST, "hash:ip", frozenset(_valid_ips(node_ips)), "node addresses")
 
 
 def policy_selects(policy: Policy, pod: Pod, direction: str) -> bool:
@@ -279,7 +308,7 @@ def endpoint_plan(ep: Endpoint, pod: Pod | None, policies: Iterable[Policy],
             continue
         selected = [p for p in candidates if policy_selects(p, pod, direction)]
         chains[direction] = tuple(plan_chain(p, direction) for p in selected) if selected else None
-    return EndpointPlan(host_ifname=ep.host_ifname, pod_key=ep.pod_key, ips=_v4(ep.ips),
+    return EndpointPlan(host_ifname=ep.host_ifname, pod_key=ep.pod_key, ips=tuple(ep.ips),
                         from_chain=names.endpoint_chain(ep.host_ifname, "from"),
                         to_chain=names.endpoint_chain(ep.host_ifname, "to"),
                         ingress=chains[INGRESS], egress=chains[EGRESS], unknown_pod=pod is None)

@@ -15,6 +15,7 @@ read periodically in a thread, never on the CNI path). Only `policy` is required
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -207,21 +208,36 @@ class PolicyComponent:
         return self.controller.report()
 
     def _pod_or_ip(self, ref: str) -> Pod | str:
-        if "/" in ref:
+        """NS/POD (from the datastore) or an IPv4/IPv6 address."""
+        if "/" in ref and ":" not in ref:
             namespace, name = ref.split("/", 1)
             pod = self.cache.pod(namespace, name)
             if pod is None:
                 raise RoutedError(f"pod {ref} not found in the datastore", code=Code.NOT_FOUND)
             return pod
-        return ref
+        try:
+            return str(ipaddress.ip_address(ref))
+        except ValueError:
+            raise RoutedError("want NS/POD or an IP address", f"got {ref!r}", code=Code.MALFORMED_REQUEST) from None
+
+    @staticmethod
+    def _family(params: dict[str, Any]) -> int | None:
+        """`family`: 4 or 6 (optional; default: that of an address given, else IPv4 if both pods have one)."""
+        value = params.get("family")
+        if value in (None, "", 0):
+            return None
+        if str(value) not in ("4", "6"):
+            raise RoutedError("family must be 4 or 6", f"got {value!r}", code=Code.MALFORMED_REQUEST)
+        return int(value)
 
     async def _api_explain(self, params: dict[str, Any]) -> PolicyExplain:
         return explain(self.inputs(), self._pod_or_ip(str(params.get("from", ""))),
                        self._pod_or_ip(str(params.get("to", ""))), int(params.get("port", 0)),
-                       str(params.get("protocol", "TCP")).upper())
+                       str(params.get("protocol", "TCP")).upper(), self._family(params))
 
     async def _api_show(self, params: dict[str, Any]) -> PolicyShow:
-        pod = self._pod_or_ip(str(params.get("pod", "")))
+        ref = str(params.get("pod", ""))
+        pod = self._pod_or_ip(ref) if "/" in ref else ref
         if isinstance(pod, str):
             raise RoutedError("policy show takes NS/POD", f"got {pod!r}", code=Code.MALFORMED_REQUEST)
         return policies_for(self.inputs(), pod)

@@ -1,17 +1,25 @@
-"""The policy dataplane facade: the incremental engine's changes → ipset and iptables writes.
+"""The policy dataplane facade: the incremental engine's changes → ipset and iptables writes, per IP family.
+
+Families: `PolicyOptions.ip_families` (None, the default: IPv4 and, where ip6tables and the kernel's IPv6 are
+there, IPv6 — whether or not any pod has an IPv6 address: a pod without one still gets IPv6 anti-spoofing, so it
+cannot speak IPv6 unpoliced). Both families use the same backend and writer kind; each has its own filter table
+(the same chain names), and its own kernel ipsets (calc's family-neutral sets split by IpSetSpec.for_family).
+A family that is available but not active is swept by full applies (what an earlier configuration left).
 
 Two kinds of apply:
 - **incremental** (every event): the engine's changes since the last apply, rendered for the changed chains
-  only and diffed against what the last successful apply wrote (trusted, not read back): ipset add/del lines
-  (fill-and-swap for large changes), the changed chains in one `iptables-restore --noflush`, ipsets destroyed
-  after the rules stop referencing them. Nothing changed: nothing is run.
+  only, per family, and diffed against what the last successful apply wrote (trusted, not read back): ipset
+  add/del lines of both families (fill-and-swap for large changes), then the changed IPv4 chains in one
+  `iptables-restore --noflush`, then the changed IPv6 chains in one `ip6tables-restore --noflush`, then the ipsets
+  destroyed once no rule references them. Nothing changed: nothing is run.
 - **full** (the first apply, after a failure, and on the periodic read-back `force_readback`): the whole
-  desired state against what the kernel holds (ipset save, iptables-save), sweeping what is ours and unwanted.
-  This is the drift repair.
+  desired state against what the kernel holds (ipset save, iptables-save and ip6tables-save), sweeping what is
+  ours and unwanted in each family. This is the drift repair.
 
-An apply is planned (`plan`, pure: engine + trusted state) and then executed (`execute`, I/O only; a thread),
-so the engine is only ever touched by its owner. A failed execute raises PolicyApplyError, keeps the kernel in
-its last good state (each step is atomic), and makes the next apply a full one. `sync(inputs)` loads a whole
+Each step is atomic (one restore or one commit); the order keeps every rule's sets in place before the rule and
+until after it is gone. An apply is planned (`plan`, pure: engine + trusted state) and then executed (`execute`,
+I/O only; a thread), so the engine is only ever touched by its owner. A failed execute raises PolicyApplyError,
+keeps the kernel in its last good state, and makes the next apply a full one. `sync(inputs)` loads a whole
 snapshot into a fresh engine and applies it in full (tests, benchmarks, the agent's first apply).
 """
 
@@ -20,13 +28,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from policy import names
-from policy.calc import Calculation, PolicyInputs, problems_of, unknown_pod_warning
+from policy.calc import Calculation, IpSetSpec, PolicyInputs, member_family, problems_of, unknown_pod_warning
 from policy.dataplane.ipsets import IpsetDataplane, normalise
-from policy.dataplane.iptables import Op, detect_backend, diff, read_table
+from policy.dataplane.iptables import (
+    FAMILY_TOOLS,
+    Op,
+    TableState,
+    active_families,
+    detect_backend,
+    diff,
+    family_available,
+    read_table,
+)
+from policy.dataplane.runner import CommandError
 from policy.dataplane.writers import Writer, make_writer
 from policy.incremental import Changes, PolicyEngine
 from policy.render import HOOKS, RenderedRule, RenderOptions, Ruleset, render, render_chains
@@ -41,6 +60,7 @@ log = logging.getLogger(__name__)
 
 SWAP_THRESHOLD = 500  # set changes above this are written into a temporary set and swapped in
 Chains = dict[str, list[RenderedRule]]
+KernelSets = dict[str, tuple[str, set[str]]]  # kernel set name -> (kind, normalised members)
 
 
 @dataclass
@@ -50,9 +70,9 @@ class ApplyReport:
     changed: bool = False  # anything written to the kernel
     duration_s: float = 0.0
     attempts: int = 0
-    iptables_ops: int = 0
+    iptables_ops: int = 0  # both families
     ipset_ops: int = 0
-    rules: int = 0
+    rules: int = 0  # in every active family's table (hooks included)
     chains: int = 0
     ipsets: int = 0
     members: int = 0
@@ -62,6 +82,8 @@ class ApplyReport:
     error: str | None = None
     writer: str = ""
     backend: str = ""
+    families: tuple[int, ...] = ()
+    family_ops: dict[int, int] = field(default_factory=dict)  # iptables ops per family
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,22 +100,56 @@ class PolicyApplyError(RoutedError):
 
 
 @dataclass
+class Applied:
+    """What the last successful apply left in one family: our chains and our kernel sets."""
+
+    chains: Chains
+    sets: KernelSets
+
+
+@dataclass
+class FamilyPlan:
+    """One family's part of an apply. full: `ruleset` is the whole desired table; incremental: the ops, and
+    what the chains and sets become (set deltas by kernel name; None: gone)."""
+
+    family: int
+    ruleset: Ruleset | None = None
+    ops: list[Op] = field(default_factory=list)
+    chains: dict[str, list[RenderedRule] | None] = field(default_factory=dict)
+    sets: dict[str, tuple[set[str], set[str]] | None] = field(default_factory=dict)
+    new_sets: dict[str, str] = field(default_factory=dict)  # created: kernel name -> kind
+
+
+@dataclass
 class ApplyPlan:
-    """What one apply will do. full: `calc`/`ruleset` are the whole desired state; incremental: the lines."""
+    """What one apply will do: the ipset lines of both families around each family's table operations."""
 
     full: bool
     calc: Calculation | None = None
-    ruleset: Ruleset | None = None
+    families: dict[int, FamilyPlan] = field(default_factory=dict)
     ipset_before: list[str] = field(default_factory=list)
-    ops: list[Op] = field(default_factory=list)
     ipset_after: list[str] = field(default_factory=list)
-    chains: dict[str, list[RenderedRule] | None] = field(default_factory=dict)  # what the chains become
-    sets: dict[str, tuple[set[str], set[str]] | None] = field(default_factory=dict)  # set deltas (None: gone)
-    new_sets: dict[str, str] = field(default_factory=dict)  # created: name -> kind
 
     @property
     def empty(self) -> bool:
-        return not self.full and not (self.ipset_before or self.ops or self.ipset_after)
+        return not self.full and not (self.ipset_before or self.ipset_after
+                                      or any(f.ops for f in self.families.values()))
+
+
+def family_sets(calc: Calculation, families: tuple[int, ...]) -> dict[str, IpSetSpec]:
+    """The kernel sets of `calc` in every active family: kernel name -> that family's spec."""
+    out: dict[str, IpSetSpec] = {}
+    for family in families:
+        for spec in calc.ipsets.values():
+            fspec = spec.for_family(family)
+            out[fspec.name] = fspec
+    return out
+
+
+def kernel_sets(desired: Mapping[str, IpSetSpec], family: int) -> KernelSets:
+    """What writing `desired` leaves in the kernel for `family` (members as `ipset save` shows them)."""
+    return {name: (spec.kind, {normalise(spec.kind, m) for m in spec.members})
+            for name, spec in desired.items() if spec.family == family}
 
 
 class PolicyController:
@@ -112,23 +168,33 @@ class PolicyController:
                 log.warning("python-iptables writes legacy tables only: using the legacy backend")
             backend = "legacy"
         self.backend = detect_backend(backend)
-        self._writer: Writer | None = None
+        self.families = active_families(self.backend, options.ip_families)
+        # available but not policed (configured off): swept by full applies, what an earlier configuration left
+        self.sweep_families = tuple(f for f in FAMILY_TOOLS if f not in self.families
+                                    and family_available(self.backend, f))
+        for family in self.sweep_families:
+            log.warning("IPv%d is not policed on this node (ip_families %s): pods' IPv%d traffic is not filtered",
+                        family, list(self.families), family)
+        self._writers: dict[int, Writer] = {}
         self.ipsets = IpsetDataplane()
         self.engine = PolicyEngine()
         self._lock = threading.Lock()  # one execute at a time (drop counters read the trusted state too)
-        self._applied: Chains | None = None  # what the last successful apply left in our chains (None: unknown)
-        self._applied_sets: dict[str, tuple[str, set[str]]] | None = None  # name -> (kind, members)
+        self._applied: dict[int, Applied] | None = None  # per family; None: unknown (the next apply is full)
         self._last: ApplyReport | None = None
         self._last_ok_time: float | None = None
         self._ready = False
         self.failures = 0  # consecutive failed applies
         self.endpoint_backoff = Backoff(base=0.05, cap=1.0)  # the CNI ADD path's quick retries
 
+    def writer_for(self, family: int) -> Writer:
+        if family not in self._writers:
+            self._writers[family] = make_writer(self.options.iptables_writer, self.backend, family)
+        return self._writers[family]
+
     @property
     def writer(self) -> Writer:
-        if self._writer is None:
-            self._writer = make_writer(self.options.iptables_writer, self.backend)
-        return self._writer
+        """The IPv4 writer (creating it imports python-iptables for the iptc writer)."""
+        return self.writer_for(4)
 
     # -- public API -------------------------------------------------------------------------------------
     def sync(self, inputs: PolicyInputs) -> ApplyReport:
@@ -158,7 +224,6 @@ class PolicyController:
     def force_readback(self) -> None:
         """The next apply reads the kernel back and applies the whole desired state (drift repair)."""
         self._applied = None
-        self._applied_sets = None
 
     def report(self) -> PolicyReport:
         last = self._last
@@ -174,26 +239,25 @@ class PolicyController:
         )
 
     def drop_counters(self) -> dict[str, int]:
-        """Packets dropped per endpoint (pod key): the counters of the DROP rules of its chains."""
+        """Packets dropped per endpoint (pod key): the counters of the DROP rules of its chains, both families."""
         with self._lock:
             if self._applied is None:
                 return {}
-            applied = self._applied
-            state = read_table(self.backend, counters=True)
-            result: dict[str, int] = {}
-            for ep in self.engine.ep_plans.values():
-                total = 0
-                for chain in (ep.from_chain, ep.to_chain):
-                    drop_hashes = {r.hash for r in applied.get(chain, []) if r.body.endswith("-j DROP")}
-                    total += sum(r.packets for r in state.chains.get(chain, []) if r.hash in drop_hashes)
-                result[ep.pod_key] = total
+            result = {ep.pod_key: 0 for ep in self.engine.ep_plans.values()}
+            for family, applied in self._applied.items():
+                state = read_table(self.backend, counters=True, family=family)
+                for ep in self.engine.ep_plans.values():
+                    result[ep.pod_key] += _drops(applied.chains, state, (ep.from_chain, ep.to_chain))
             return result
 
     def remove_all(self) -> None:
+        """Remove our chains and hooks from every family's table, then our ipsets."""
         with self._lock:
-            ops = diff(Ruleset(), read_table(self.backend), sweep=True)
-            if ops:
-                self.writer.apply(ops)
+            report = ApplyReport(ok=True)
+            for family in self.families:
+                self._apply_ops(family, diff(Ruleset(), read_table(self.backend, family=family), sweep=True), report)
+            for family in self.sweep_families:
+                self._sweep(family, report)
             self.ipsets.restore(self.ipsets.phase2_script({}, self.ipsets.read()))
             self.force_readback()
             self._ready = False
@@ -201,69 +265,79 @@ class PolicyController:
     # -- planning (no I/O) ------------------------------------------------------------------------------
     def plan(self) -> ApplyPlan:
         changes = self.engine.take_changes()
-        if self._applied is None or self._applied_sets is None:
-            calc = self.engine.calculation()
-            return ApplyPlan(full=True, calc=calc, ruleset=render(calc, self.render_options))
-        return self._plan_incremental(changes, self._applied, self._applied_sets)
+        if self._applied is None:
+            return self._plan_full()
+        return self._plan_incremental(changes, self._applied)
 
-    def _plan_incremental(self, changes: Changes, applied: Chains,
-                          applied_sets: dict[str, tuple[str, set[str]]]) -> ApplyPlan:
+    def _plan_full(self) -> ApplyPlan:
+        calc = self.engine.calculation()
+        return ApplyPlan(full=True, calc=calc, families={
+            f: FamilyPlan(f, ruleset=render(calc, self.render_options, f)) for f in self.families})
+
+    def _plan_incremental(self, changes: Changes, applied: dict[int, Applied]) -> ApplyPlan:
         plan = ApplyPlan(full=False)
+        for family in self.families:
+            fplan = plan.families[family] = FamilyPlan(family)
+            if not self._plan_sets(changes, applied[family].sets, plan, fplan):
+                return self._plan_full()  # a set of the same name but another type: only a full apply fixes it
+            self._plan_chains(changes, applied[family].chains, fplan)
+        return plan
+
+    def _plan_sets(self, changes: Changes, applied_sets: KernelSets, plan: ApplyPlan, fplan: FamilyPlan) -> bool:
+        """This family's ipset lines for the changed sets into `plan`; False: a full apply is needed."""
+        family = fplan.family
         for name, delta in sorted(changes.sets.items()):
             spec = self.engine.set_spec(name)
-            have = applied_sets.get(name)
+            kname = names.family_ipset_name(name, family)
+            have = applied_sets.get(kname)
             if spec is None:
                 if have is not None:
-                    plan.ipset_after.append(f"destroy {name}")
-                    plan.sets[name] = None
+                    plan.ipset_after.append(f"destroy {kname}")
+                    fplan.sets[kname] = None
                 continue
-            if have is not None and have[0] != spec.kind:  # same name, other type: only a full apply fixes it
-                return ApplyPlan(full=True, calc=self.engine.calculation(),
-                                 ruleset=render(self.engine.calculation(), self.render_options))
+            if have is not None and have[0] != spec.kind:
+                return False
             if have is None:
-                members = {normalise(spec.kind, m) for m in spec.members}
-                plan.ipset_before += [self.ipsets.create_line(name, spec.kind)] + [
-                    f"add {name} {m}" for m in sorted(members)]
-                plan.new_sets[name] = spec.kind
-                plan.sets[name] = (members, set())
+                members = {normalise(spec.kind, m) for m in spec.for_family(family).members}
+                plan.ipset_before += [self.ipsets.create_line(kname, spec.kind, family)] + [
+                    f"add {kname} {m}" for m in sorted(members)]
+                fplan.new_sets[kname] = spec.kind
+                fplan.sets[kname] = (members, set())
                 continue
-            current = have[1]
-            if delta is None:
-                want_members = {normalise(spec.kind, m) for m in spec.members}
-                added, removed = want_members - current, current - want_members
-            else:
-                added = {n for m in delta[0] if (n := normalise(spec.kind, m)) not in current}
-                removed = {n for m in delta[1] if (n := normalise(spec.kind, m)) in current}
+            added, removed = _member_delta(spec, family, have[1], delta)
             if not added and not removed:
                 continue
-            plan.sets[name] = (added, removed)
+            fplan.sets[kname] = (added, removed)
             if len(added) + len(removed) > SWAP_THRESHOLD:
-                plan.ipset_before += self.ipsets.swap_lines(name, spec.kind, (current | added) - removed)
+                plan.ipset_before += self.ipsets.swap_lines(kname, spec.kind, (have[1] | added) - removed, family)
             else:  # removals first: a `nomatch` entry and its plain twin cannot coexist
-                plan.ipset_before += [f"del {name} {m}" for m in sorted(removed)]
-                plan.ipset_before += [f"add {name} {m}" for m in sorted(added)]
+                plan.ipset_before += [f"del {kname} {m}" for m in sorted(removed)]
+                plan.ipset_before += [f"add {kname} {m}" for m in sorted(added)]
+        return True
+
+    def _plan_chains(self, changes: Changes, applied: Chains, fplan: FamilyPlan) -> None:
         drops: list[str] = []
-        for chain, rules in sorted(render_chains(self.engine, changes.chains, self.render_options).items()):
+        rendered = render_chains(self.engine, changes.chains, self.render_options, fplan.family)
+        for chain, rules in sorted(rendered.items()):
             old = applied.get(chain)
             if rules is None:
                 if old is not None:
                     drops.append(chain)
-                    plan.chains[chain] = None
+                    fplan.chains[chain] = None
                 continue
             ops = chain_ops(chain, old, rules)
             if ops:
-                plan.ops += ops
-                plan.chains[chain] = rules
+                fplan.ops += ops
+                fplan.chains[chain] = rules
         # after every rule that jumped to them is gone; all flushed before any is deleted (they jump to each other)
-        plan.ops += [Op("flush", c) for c in drops] + [Op("delete_chain", c) for c in drops]
-        return plan
+        fplan.ops += [Op("flush", c) for c in drops] + [Op("delete_chain", c) for c in drops]
 
     # -- executing (I/O) ---------------------------------------------------------------------------------
     def execute(self, plan: ApplyPlan) -> ApplyReport:
         with self._lock:
             start = time.monotonic()
             report = ApplyReport(ok=False, full=plan.full, attempts=1, writer=self.options.iptables_writer,
-                                 backend=self.backend)
+                                 backend=self.backend, families=self.families)
             try:
                 failpoints.hit("policy.apply")
                 if plan.full:
@@ -277,55 +351,60 @@ class PolicyController:
             report.changed = report.iptables_ops + report.ipset_ops > 0
             return self._finish(report, start)
 
-    def _execute_full(self, plan: ApplyPlan, report: ApplyReport) -> None:
-        assert plan.calc is not None and plan.ruleset is not None
-        calc, ruleset = plan.calc, plan.ruleset
-        actual_sets = self.ipsets.read()
-        phase1 = self.ipsets.phase1_script(calc.ipsets, actual_sets)
-        self.ipsets.restore(phase1)
-        ops = diff(ruleset, read_table(self.backend), sweep=True)
-        self.writer.apply(ops)
-        phase2 = self.ipsets.phase2_script(calc.ipsets, actual_sets)
-        self.ipsets.restore(phase2)
+    def _apply_ops(self, family: int, ops: list[Op], report: ApplyReport) -> None:
+        self.writer_for(family).apply(ops)
         report.iptables_ops += len(ops)
+        report.family_ops[family] = report.family_ops.get(family, 0) + len(ops)
+
+    def _execute_full(self, plan: ApplyPlan, report: ApplyReport) -> None:
+        assert plan.calc is not None
+        calc = plan.calc
+        desired = family_sets(calc, tuple(plan.families))
+        actual_sets = self.ipsets.read()
+        phase1 = self.ipsets.phase1_script(desired, actual_sets)
+        self.ipsets.restore(phase1)
+        for family, fplan in sorted(plan.families.items()):
+            assert fplan.ruleset is not None
+            self._apply_ops(family, diff(fplan.ruleset, read_table(self.backend, family=family), sweep=True), report)
+        for family in self.sweep_families:
+            self._sweep(family, report)
+        phase2 = self.ipsets.phase2_script(desired, actual_sets)
+        self.ipsets.restore(phase2)
         report.ipset_ops += len(phase1) + len(phase2)
-        self._applied = dict(ruleset.chains)
-        self._applied_sets = {name: (spec.kind, {normalise(spec.kind, m) for m in spec.members})
-                              for name, spec in calc.ipsets.items()}
+        self._applied = {family: Applied(dict(fplan.ruleset.chains), kernel_sets(desired, family))
+                         for family, fplan in plan.families.items() if fplan.ruleset is not None}
         for problem in calc.problems:
             log.warning("invalid NetworkPolicy %s (failing closed for %s): %s", problem.key,
                         "/".join(problem.fail_closed), "; ".join(problem.reasons))
 
+    def _sweep(self, family: int, report: ApplyReport) -> None:
+        """Remove our chains from the table of a family that is not policed (what an earlier configuration left)."""
+        try:
+            state = read_table(self.backend, family=family)
+        except (CommandError, OSError) as exc:
+            log.warning("cannot read the IPv%d table to sweep it: %s", family, exc)
+            return
+        self._apply_ops(family, diff(Ruleset(), state, sweep=True), report)
+
     def _execute_incremental(self, plan: ApplyPlan, report: ApplyReport) -> None:
-        assert self._applied is not None and self._applied_sets is not None
+        assert self._applied is not None
         self.ipsets.restore(plan.ipset_before)
-        self.writer.apply(plan.ops)
+        for family, fplan in sorted(plan.families.items()):
+            self._apply_ops(family, fplan.ops, report)
         self.ipsets.restore(plan.ipset_after)
-        report.iptables_ops += len(plan.ops)
         report.ipset_ops += len(plan.ipset_before) + len(plan.ipset_after)
-        for chain, rules in plan.chains.items():
-            if rules is None:
-                self._applied.pop(chain, None)
-            else:
-                self._applied[chain] = rules
-        for name, delta in plan.sets.items():
-            if delta is None:
-                self._applied_sets.pop(name, None)
-                continue
-            if name in plan.new_sets:
-                self._applied_sets[name] = (plan.new_sets[name], set())
-            members = self._applied_sets[name][1]
-            members -= delta[1]
-            members |= delta[0]
+        for family, fplan in plan.families.items():
+            _record(self._applied[family], fplan)
 
     def _finish(self, report: ApplyReport, start: float) -> ApplyReport:
         report.duration_s = time.monotonic() - start
         engine = self.engine
-        if self._applied is not None and self._applied_sets is not None:
-            report.rules = sum(len(r) for r in self._applied.values()) + len(HOOKS)
-            report.chains = len(self._applied)
-            report.ipsets = len(self._applied_sets)
-            report.members = sum(len(m) for _, m in self._applied_sets.values())
+        if self._applied is not None:
+            families = self._applied.values()
+            report.rules = sum(sum(len(r) for r in a.chains.values()) + len(HOOKS) for a in families)
+            report.chains = sum(len(a.chains) for a in families)
+            report.ipsets = sum(len(a.sets) for a in families)
+            report.members = sum(len(m) for a in families for _, m in a.sets.values())
         report.endpoints = len(engine.ep_plans)
         report.warnings = [unknown_pod_warning(e) for e in engine.ep_plans.values() if e.unknown_pod]
         policies = sorted(engine.policies.values(), key=lambda p: (p.namespace, p.name))
@@ -339,6 +418,44 @@ class PolicyController:
         self.failures = 0
         self._last_ok_time = time.time()
         return report
+
+
+def _member_delta(spec: IpSetSpec, family: int, current: set[str],
+                  delta: tuple[set[str], set[str]] | None) -> tuple[set[str], set[str]]:
+    """(added, removed) kernel members of `family`'s set: from the engine's delta, or (None) in full."""
+    if delta is None:
+        want = {normalise(spec.kind, m) for m in spec.for_family(family).members}
+        return want - current, current - want
+    added = {n for m in delta[0] if member_family(m) == family and (n := normalise(spec.kind, m)) not in current}
+    removed = {n for m in delta[1] if member_family(m) == family and (n := normalise(spec.kind, m)) in current}
+    return added, removed
+
+
+def _record(applied: Applied, fplan: FamilyPlan) -> None:
+    """Fold what an incremental apply wrote into the trusted state of its family."""
+    for chain, rules in fplan.chains.items():
+        if rules is None:
+            applied.chains.pop(chain, None)
+        else:
+            applied.chains[chain] = rules
+    for name, delta in fplan.sets.items():
+        if delta is None:
+            applied.sets.pop(name, None)
+            continue
+        if name in fplan.new_sets:
+            applied.sets[name] = (fplan.new_sets[name], set())
+        members = applied.sets[name][1]
+        members -= delta[1]
+        members |= delta[0]
+
+
+def _drops(applied: Chains, state: TableState, chains: tuple[str, ...]) -> int:
+    """Packets counted by the DROP rules (as we wrote them) of `chains`."""
+    total = 0
+    for chain in chains:
+        drop_hashes = {r.hash for r in applied.get(chain, []) if r.body.endswith("-j DROP")}
+        total += sum(r.packets for r in state.chains.get(chain, []) if r.hash in drop_hashes)
+    return total
 
 
 def chain_ops(chain: str, old: list[RenderedRule] | None, new: list[RenderedRule]) -> list[Op]:

@@ -3,7 +3,7 @@ for the same inputs, kept up to date event by event, each event touching only wh
 
 State and indexes:
 - pods (as the datastore says, and "effective": a pod without an address takes its local endpoint's), indexed
-  by namespace and by label (only pods that can be set members: own network, an IPv4 address);
+  by namespace and by label (only pods that can be set members: own network, an address of either family);
 - policies by namespace; local endpoints by pod; each endpoint's plan (which policy chains, in order);
 - *used* policy plans (referenced by at least one local endpoint) and the *active* sets they reference; only
   active sets have members, kept as counts per member string (two pods may share an address);
@@ -14,7 +14,8 @@ Events: set_namespace/delete_namespace, set_pod/delete_pod, set_policy/delete_po
 remove_endpoint, set_node_ips. `take_changes()` returns what changed since the last call: the sets touched (with
 their member deltas when known) and the chains to re-render. `calculation()` builds the whole Calculation (the
 property test holds it equal to calc.calculate() after every event; the dataplane's full applies use it).
-Pure: no I/O.
+Family-neutral like calc: set members and endpoint addresses of both families; the dataplane renders and
+splits them per family. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ class PolicyEngine:
                 self._apply_members(set_name, pod_members(d, pod, old), pod_members(d, pod, new))
 
     def _namespace_selector_sets(self) -> list[str]:
-        return [n for key, found in self.selector_index.items() if key[0] is None for n in found]
+        """The active namespaceSelector sets, each once (a set with an `In` requirement of several values is
+        indexed under each value)."""
+        return sorted({n for key, found in self.selector_index.items() if key[0] is None for n in found})
 
     # -- pods ----------------------------------------------------------------------------------------------
     def set_pod(self, pod: Pod) -> None:

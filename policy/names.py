@@ -1,4 +1,10 @@
-"""Deterministic names for our chains and ipsets: prefix `rtd` + stable hash, within kernel limits."""
+"""Deterministic names for our chains and ipsets: prefix `rtd` + stable hash, within kernel limits.
+
+Chains keep their names in both families' tables (iptables and ip6tables are separate). ipsets share one kernel
+namespace across families, so each set of the calculation has one name per family: IPv4 keeps the
+calculation's name (`rtd-s-…`, `rtd-host-ips`), IPv6 replaces the `rtd-` prefix by `rtd6-` (`rtd6-s-…`,
+`rtd6-host-ips`): deterministic, still under the `rtd` prefix the agent sweeps, within the 31-character limit.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ CHAIN_FROM_DISPATCH = "rtd-from-wl-dispatch"
 CHAIN_TO_DISPATCH = "rtd-to-wl-dispatch"
 IPSET_HOST = "rtd-host-ips"
 IPSET_TMP_PREFIX = "rtd-tmp-"
+IPSET_V6_PREFIX = "rtd6-"
+FAMILIES = (4, 6)
 
 
 def short_hash(text: str, length: int = 16) -> str:
@@ -44,6 +52,15 @@ def endpoint_chain(host_ifname: str, direction: str) -> str:
 def ipset_name(kind: str, identity: str) -> str:
     """kind: one letter ('s' selector, 'n' ipBlock, 'p' named port)."""
     return _checked(f"{PREFIX}-{kind}-{short_hash(identity, 24)}", MAX_IPSET)
+
+
+def family_ipset_name(name: str, family: int) -> str:
+    """The kernel name of the calculation's set `name` in `family` (4: unchanged; 6: `rtd-…` -> `rtd6-…`)."""
+    if family == 4:
+        return name
+    if family != 6 or not name.startswith(PREFIX + "-"):
+        raise ValueError(f"no IPv{family} name for ipset {name!r}")
+    return _checked(IPSET_V6_PREFIX + name[len(PREFIX) + 1:], MAX_IPSET)
 
 
 def tmp_ipset_name(name: str) -> str:

@@ -1,12 +1,26 @@
-"""Calculation -> iptables rules (filter table), each with a deterministic hash comment.
+"""Calculation -> iptables rules (filter table) of one IP family, each with a deterministic hash comment.
 
-Layout (Felix-style):
+Layout (Felix-style), the same chains (same names) in each family's own table:
   FORWARD -> rtd-FORWARD: conntrack INVALID drop / ESTABLISHED accept, then from-workload dispatch
              (by input interface) and to-workload dispatch (by output interface), then ACCEPT.
   INPUT   -> rtd-INPUT: the same from-workload dispatch for traffic a pod sends to the node.
   dispatch chains end in DROP: an `rtd+` interface without chains carries nothing (fail closed).
   per endpoint: rtd-fw-* (anti-spoofing, egress policies), rtd-tw-* (ingress policies);
   per policy direction: rtd-pi-* / rtd-pe-*, whose rules set the accept mark.
+
+One code path for both families, parameterised by `family` (4 gives exactly the IPv4-only output): rules name
+each set by its family's kernel name (names.family_ipset_name), anti-spoofing is /32 or /128 over the pod's
+addresses of that family (none: every packet of that family from the pod is dropped as spoofed), and the IPv6
+fixed chains accept the ICMPv6 that RFC 4890 says must not be dropped, before conntrack and the dispatch:
+  rtd-INPUT:   neighbour discovery (133-137) and MLD (130-132, 143) from `rtd+` (link-local: a pod resolves its
+               gateway fe80::1 on the host veth), and the error messages 1-4;
+  rtd-FORWARD: the error messages 1-4 (destination unreachable, packet too big, time exceeded, parameter
+               problem) from and to `rtd+`.
+  Neighbour discovery and MLD are not accepted in FORWARD: they are link-local (hop limit 255 / 1), a forwarded
+  one is discarded by its receiver anyway (RFC 4890 4.3.3), and accepting them would open an unpoliced channel.
+  The errors go ahead of conntrack because one whose flow conntrack does not know (an asymmetric path, an
+  expired entry) is INVALID to it and would be dropped; the price: a pod can send those four error types past
+  its egress policy and anti-spoofing. Echo request/reply stay under policy (like every other protocol).
 """
 
 from __future__ import annotations
@@ -15,13 +29,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from policy import names
-from policy.calc import Calculation, EndpointPlan, PolicyPlan, RuleMatch
+from policy.calc import Calculation, EndpointPlan, PolicyPlan, RuleMatch, family_ips
 from policy.incremental import PolicyEngine
 
 ACCEPT_MARK = 0x40000
 SPOOF_OK_MARK = 0x80000
 IF_WILDCARD = "rtd+"
 HOOKS = {"FORWARD": names.CHAIN_FORWARD, "INPUT": names.CHAIN_INPUT}
+HOST_PREFIX = {4: 32, 6: 128}
+ICMPV6_ERRORS = (1, 2, 3, 4)  # destination unreachable, packet too big, time exceeded, parameter problem
+ICMPV6_LINK_LOCAL = (133, 134, 135, 136, 137, 130, 131, 132, 143)  # RS, RA, NS, NA, redirect; MLD query/report/done/v2
 
 
 @dataclass(frozen=True)
@@ -63,14 +80,15 @@ def _mark(value: int) -> str:
     return f"0x{value:x}/0x{value:x}"
 
 
-def policy_rule(direction: str, rm: RuleMatch) -> str:
+def policy_rule(direction: str, rm: RuleMatch, family: int = 4) -> str:
     parts: list[str] = []
     if rm.protocol:
         parts.append(f"-p {rm.protocol.lower()}")
     if rm.peer_set:
-        parts.append(f"-m set --match-set {rm.peer_set} {'src' if direction == 'Ingress' else 'dst'}")
+        peer_set = names.family_ipset_name(rm.peer_set, family)
+        parts.append(f"-m set --match-set {peer_set} {'src' if direction == 'Ingress' else 'dst'}")
     if rm.named_port_set:
-        parts.append(f"-m set --match-set {rm.named_port_set} dst,dst")
+        parts.append(f"-m set --match-set {names.family_ipset_name(rm.named_port_set, family)} dst,dst")
     if rm.port is not None and rm.protocol:
         port = f"{rm.port}:{rm.end_port}" if rm.end_port else str(rm.port)
         parts.append(f"-m {rm.protocol.lower()} --dport {port}")
@@ -101,14 +119,19 @@ def _policy_jumps(chains: tuple[str, ...] | None, opts: RenderOptions, ep: Endpo
     return rules + _deny(opts, ep, what)
 
 
-def from_workload(ep: EndpointPlan, opts: RenderOptions) -> list[str]:
+def anti_spoofing(ep: EndpointPlan, opts: RenderOptions, family: int = 4) -> list[str]:
+    """The source must be one of the pod's own addresses of this family; a pod without one: every packet of the
+    family is dropped (the mark check never passes)."""
+    ips, plen = family_ips(ep.ips, family), HOST_PREFIX[family]
+    if len(ips) == 1:
+        return [f"! -s {ips[0]}/{plen} {r}" for r in _deny(opts, ep, "SPOOF")]
+    rules = [f"-s {ip}/{plen} -j MARK --set-xmark {_mark(SPOOF_OK_MARK)}" for ip in ips]
+    return rules + [f"-m mark --mark 0x0/0x{SPOOF_OK_MARK:x} {r}" for r in _deny(opts, ep, "SPOOF")]
+
+
+def from_workload(ep: EndpointPlan, opts: RenderOptions, family: int = 4) -> list[str]:
     rules = [f"-j MARK --set-xmark 0x0/0x{ACCEPT_MARK | SPOOF_OK_MARK:x}"]
-    # Anti-spoofing: the source must be one of the pod's own addresses.
-    if len(ep.ips) == 1:
-        rules += [f"! -s {ep.ips[0]}/32 {r}" for r in _deny(opts, ep, "SPOOF")]
-    else:
-        rules += [f"-s {ip}/32 -j MARK --set-xmark {_mark(SPOOF_OK_MARK)}" for ip in ep.ips]
-        rules += [f"-m mark --mark 0x0/0x{SPOOF_OK_MARK:x} {r}" for r in _deny(opts, ep, "SPOOF")]
+    rules += anti_spoofing(ep, opts, family)
     return rules + _policy_jumps(ep.egress, opts, ep, "DENY-E")
 
 
@@ -116,8 +139,28 @@ def to_workload(ep: EndpointPlan, opts: RenderOptions) -> list[str]:
     return [f"-j MARK --set-xmark 0x0/0x{ACCEPT_MARK:x}"] + _policy_jumps(ep.ingress, opts, ep, "DENY-I")
 
 
-def fixed_chains() -> dict[str, list[str]]:
-    """The chains hooked from the built-in ones (they never change)."""
+def icmpv6_accepts(direction: str, types: tuple[int, ...]) -> list[str]:
+    """direction: '-i' (from pods) or '-o' (to pods)."""
+    return [f"{direction} {IF_WILDCARD} -p icmpv6 -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in types]
+
+
+def icmpv6_rules() -> dict[str, list[str]]:
+    """The ICMPv6 accepted ahead of conntrack and the dispatch in the IPv6 fixed chains (RFC 4890)."""
+    return {
+        names.CHAIN_FORWARD: icmpv6_accepts("-i", ICMPV6_ERRORS) + icmpv6_accepts("-o", ICMPV6_ERRORS),
+        names.CHAIN_INPUT: icmpv6_accepts("-i", ICMPV6_LINK_LOCAL) + icmpv6_accepts("-i", ICMPV6_ERRORS),
+    }
+
+
+def fixed_chains(family: int = 4) -> dict[str, list[str]]:
+    """The chains hooked from the built-in ones (they never change); IPv6 first accepts the ICMPv6 it must."""
+    chains = _fixed_chains()
+    if family == 6:
+        chains = {chain: icmpv6_rules()[chain] + rules for chain, rules in chains.items()}
+    return chains
+
+
+def _fixed_chains() -> dict[str, list[str]]:
     w = IF_WILDCARD
     return {
         names.CHAIN_FORWARD: [
@@ -150,42 +193,45 @@ def dispatch_chains(endpoints: list[EndpointPlan], host_set: str) -> dict[str, l
     }
 
 
-def endpoint_chains(ep: EndpointPlan, opts: RenderOptions) -> dict[str, list[str]]:
-    return {ep.from_chain: from_workload(ep, opts), ep.to_chain: to_workload(ep, opts)}
+def endpoint_chains(ep: EndpointPlan, opts: RenderOptions, family: int = 4) -> dict[str, list[str]]:
+    return {ep.from_chain: from_workload(ep, opts, family), ep.to_chain: to_workload(ep, opts)}
 
 
-def policy_chain_rules(plan: PolicyPlan) -> list[str]:
-    return [policy_rule(plan.direction, rm) for rm in plan.rules]
+def policy_chain_rules(plan: PolicyPlan, family: int = 4) -> list[str]:
+    return [policy_rule(plan.direction, rm, family) for rm in plan.rules]
 
 
 def hooks() -> dict[str, RenderedRule]:
     return {builtin: hash_rules(builtin, [f"-j {target}"])[0] for builtin, target in HOOKS.items()}
 
 
-def render(calc: Calculation, opts: RenderOptions | None = None) -> Ruleset:
+def render(calc: Calculation, opts: RenderOptions | None = None, family: int = 4) -> Ruleset:
+    """The whole ruleset of one family's filter table."""
     opts = opts or RenderOptions()
-    bodies = fixed_chains() | dispatch_chains(calc.endpoints, calc.host_set)
+    bodies = fixed_chains(family) | dispatch_chains(calc.endpoints, names.family_ipset_name(calc.host_set, family))
     for ep in calc.endpoints:
-        bodies |= endpoint_chains(ep, opts)
+        bodies |= endpoint_chains(ep, opts, family)
     for chain, plan in calc.policies.items():
-        bodies[chain] = policy_chain_rules(plan)
+        bodies[chain] = policy_chain_rules(plan, family)
     return Ruleset({chain: hash_rules(chain, rules) for chain, rules in bodies.items()}, hooks())
 
 
-def render_chains(engine: PolicyEngine, chains: Iterable[str], opts: RenderOptions) -> dict[str, list[RenderedRule] | None]:
-    """Just these chains of the engine's current state (None: the chain should not exist any more)."""
+def render_chains(engine: PolicyEngine, chains: Iterable[str], opts: RenderOptions,
+                  family: int = 4) -> dict[str, list[RenderedRule] | None]:
+    """Just these chains of the engine's current state in one family (None: the chain should not exist any more)."""
     wanted = set(chains)
     out: dict[str, list[str] | None] = {c: None for c in wanted}
     if wanted & {names.CHAIN_FROM_DISPATCH, names.CHAIN_TO_DISPATCH}:
         ordered = [engine.ep_plans[h] for h in sorted(engine.ep_plans)]
-        out |= {c: r for c, r in dispatch_chains(ordered, names.IPSET_HOST).items() if c in wanted}
+        host = names.family_ipset_name(names.IPSET_HOST, family)
+        out |= {c: r for c, r in dispatch_chains(ordered, host).items() if c in wanted}
     for ep in engine.ep_plans.values():
         if ep.from_chain in wanted or ep.to_chain in wanted:
-            out |= {c: r for c, r in endpoint_chains(ep, opts).items() if c in wanted}
+            out |= {c: r for c, r in endpoint_chains(ep, opts, family).items() if c in wanted}
     for chain in wanted:
         key = engine.chain_plan.get(chain)
         if key is not None and key in engine.plans:
-            out[chain] = policy_chain_rules(engine.plans[key])
+            out[chain] = policy_chain_rules(engine.plans[key], family)
     return {c: (hash_rules(c, r) if r is not None else None) for c, r in out.items()}
 
 

@@ -48,6 +48,8 @@ def _add_view_parsers(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--to", dest="dst", required=True, help="NS/POD or IP")
     ex.add_argument("--port", type=int, required=True)
     ex.add_argument("--protocol", default="tcp")
+    ex.add_argument("--family", type=int, choices=[4, 6], default=None,
+                    help="the IP family of the flow between two pods (default: from an IP given, else IPv4)")
     show = with_socket(pol.add_parser("show", help="policies selecting a pod, per direction"))
     show.add_argument("pod", help="NS/POD")
 
@@ -102,6 +104,8 @@ def _run_view(args: argparse.Namespace) -> int:
         render = views.render_routes
     elif args.policy_cmd == "explain":
         params = {"from": args.src, "to": args.dst, "port": args.port, "protocol": args.protocol}
+        if args.family:
+            params["family"] = args.family
         data = _call(args, "policy.explain", params)
         render = views.render_explain
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from routed.constants import DEFAULT_SOCKET, DEFAULT_STATE_DIR
 
@@ -25,6 +25,22 @@ class PolicyOptions(BaseModel):
     deny_log_mode: Literal["nflog", "log"] = "nflog"
     nflog_group: int = Field(100, ge=0, le=65535)
     apply_retries: int = Field(5, ge=0)
+    # IP families policed (their own iptables/ip6tables tables, same backend). None: IPv4, plus IPv6 wherever
+    # ip6tables and the kernel's IPv6 exist, whether or not pods have IPv6 addresses (a pod without one gets IPv6
+    # anti-spoofing: it cannot speak IPv6 unpoliced). [4] leaves IPv6 unfiltered (logged as a warning).
+    ip_families: list[Literal[4, 6]] | None = Field(None, min_length=1)
+
+    @field_validator("ip_families", mode="before")
+    @classmethod
+    def _families_from_text(cls, value: Any) -> Any:
+        """ROUTED_POLICY__IP_FAMILIES=4,6 (environment) as well as a YAML list; duplicates dropped."""
+        if isinstance(value, str):
+            value = [part for part in value.replace(" ", "").split(",") if part]
+        if isinstance(value, list):
+            value = [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+            if all(isinstance(v, int) for v in value):
+                value = sorted(set(value))
+        return value
 
 
 class BgpOptions(BaseModel):

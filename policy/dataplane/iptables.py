@@ -1,12 +1,16 @@
-"""Read back our chains (iptables-save), diff them against the rendered ruleset by hash comments only,
-and turn the difference into a list of operations that every writer applies in one atomic commit.
+"""Read back our chains (iptables-save / ip6tables-save), diff them against the rendered ruleset by hash comments
+only, and turn the difference into a list of operations that every writer applies in one atomic commit.
+
+Both families use the same backend (legacy or nft): `FAMILY_TOOLS[family][backend]` is its save/restore pair.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from policy import names
@@ -64,10 +68,31 @@ def parse_save(text: str, table: str = TABLE) -> TableState:
 
 
 # -- backend -------------------------------------------------------------------------------------------
-TOOLS = {
-    "legacy": ("iptables-legacy-save", "iptables-legacy-restore"),
-    "nft": ("iptables-nft-save", "iptables-nft-restore"),
+FAMILY_TOOLS: dict[int, dict[str, tuple[str, str]]] = {
+    family: {backend: (f"{tool}-{backend}-save", f"{tool}-{backend}-restore") for backend in ("legacy", "nft")}
+    for family, tool in ((4, "iptables"), (6, "ip6tables"))
 }
+TOOLS = FAMILY_TOOLS[4]
+IPV6_KERNEL = "/proc/net/if_inet6"  # present when the kernel (this namespace) has IPv6
+
+
+def tools(backend: str, family: int = 4) -> tuple[str, str]:
+    """(save, restore) of `family` for `backend`."""
+    return FAMILY_TOOLS[family][backend]
+
+
+def family_available(backend: str, family: int) -> bool:
+    """Whether this node can hold `family`'s rules: the tools are installed (IPv6: and the kernel has IPv6)."""
+    if family == 6 and not os.path.exists(IPV6_KERNEL):
+        return False
+    return all(shutil.which(tool) for tool in tools(backend, family))
+
+
+def active_families(backend: str, configured: Iterable[int] | None) -> tuple[int, ...]:
+    """The families to police: the configured ones, or (None) IPv4 and, where it is available, IPv6."""
+    if configured is not None:
+        return tuple(sorted(set(configured)))
+    return tuple(f for f in (4, 6) if f == 4 or family_available(backend, f))
 
 
 def _rule_lines(save_cmd: str) -> tuple[int, bool]:
@@ -80,11 +105,18 @@ def _rule_lines(save_cmd: str) -> tuple[int, bool]:
     return len(lines), ours
 
 
+def _backend_lines(backend: str) -> tuple[int, bool]:
+    """Rule lines and whether any is ours, over both families' tables of `backend`."""
+    found = [_rule_lines(tools(backend, f)[0]) for f in FAMILY_TOOLS if shutil.which(tools(backend, f)[0])]
+    return sum(n for n, _ in found), any(ours for _, ours in found)
+
+
 def detect_backend(preference: str = "auto") -> str:
-    """Like Calico's Auto: where our chains already are, else whichever has more rules, else nft."""
+    """Like Calico's Auto: where our chains already are (either family), else whichever has more rules, else
+    nft. Both families always use the same backend."""
     if preference in TOOLS:
         return preference
-    counts = {b: _rule_lines(TOOLS[b][0]) for b in TOOLS if shutil.which(TOOLS[b][0])}
+    counts = {b: _backend_lines(b) for b in TOOLS if shutil.which(TOOLS[b][0])}
     with_ours = [b for b, (_, ours) in counts.items() if ours]
     if len(with_ours) == 1:
         return with_ours[0]
@@ -93,8 +125,8 @@ def detect_backend(preference: str = "auto") -> str:
     return "nft" if "nft" in counts else "legacy"
 
 
-def read_table(backend: str, counters: bool = False) -> TableState:
-    cmd = [TOOLS[backend][0], "-t", TABLE]
+def read_table(backend: str, counters: bool = False, family: int = 4) -> TableState:
+    cmd = [tools(backend, family)[0], "-t", TABLE]
     if counters:
         cmd.append("-c")
     return parse_save(run(cmd))

@@ -1,7 +1,8 @@
-"""python-iptables (libiptc) writer: legacy tables only, one commit per apply (atomic per table).
+"""python-iptables (libiptc / libip6tc) writer: legacy tables only, one commit per apply (atomic per table).
 
 Imported lazily (iptc costs ~230 ms to import). Rule text is the same as the restore writer's; a small
 tokenizer maps it onto iptc's match/target attributes, so both writers produce the same kernel state.
+IPv4 uses iptc.Table/Rule, IPv6 iptc.Table6/Rule6: the same code otherwise.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ log = logging.getLogger(__name__)
 _RULE_ATTRS = {"-i": "in_interface", "-o": "out_interface", "-s": "src", "-d": "dst", "-p": "protocol"}
 
 
-def build_rule(line: str) -> iptc.Rule:
-    """`-A chain <matches> -j TARGET ...` -> iptc.Rule."""
+def build_rule(line: str, family: int = 4) -> iptc.Rule:
+    """`-A chain <matches> -j TARGET ...` -> iptc.Rule (IPv6: iptc.Rule6)."""
     tokens = shlex.split(line)[2:]
-    rule = iptc.Rule()
+    rule = iptc.Rule6() if family == 6 else iptc.Rule()
     current: Any = None
     negate = False
     i = 0
@@ -89,10 +90,16 @@ def _delete_num(table: iptc.Table, chain: str, index: int) -> None:
 class IptcWriter(Writer):
     name = "iptc"
 
+    def __init__(self, family: int = 4) -> None:
+        self.family = family
+
+    def _table(self) -> iptc.Table:
+        return iptc.Table6(TABLE) if self.family == 6 else iptc.Table(TABLE)
+
     def apply(self, ops: list[Op]) -> None:
         if not ops:
             return
-        table = iptc.Table(TABLE)
+        table = self._table()
         table.autocommit = False
         table.refresh()
         try:
@@ -103,11 +110,11 @@ class IptcWriter(Writer):
                 if op.kind in ("new_chain", "flush", "delete_chain"):
                     continue
                 if op.kind == "replace":
-                    table.replace_entry(op.chain, _entry(build_rule(op.line)), op.position - 1)
+                    table.replace_entry(op.chain, _entry(build_rule(op.line, self.family)), op.position - 1)
                 elif op.kind == "append":
-                    table.append_entry(op.chain, _entry(build_rule(op.line)))
+                    table.append_entry(op.chain, _entry(build_rule(op.line, self.family)))
                 elif op.kind == "insert":
-                    table.insert_entry(op.chain, _entry(build_rule(op.line)), op.position - 1)
+                    table.insert_entry(op.chain, _entry(build_rule(op.line, self.family)), op.position - 1)
                 elif op.kind == "delete":
                     _delete_num(table, op.chain, op.position - 1)
             for op in ops:

@@ -59,8 +59,9 @@ def ready(agent: AgentProcess) -> dict:
         f"agent ready; log:\n{agent.log()[-3000:]}")
 
 
-def our_rules(node: NodeEnv, backend: str) -> list[str]:
-    save = netns.ns_run(node.host, [IPTABLES_SAVE[backend], "-t", "filter"]).stdout
+def our_rules(node: NodeEnv, backend: str, family: int = 4) -> list[str]:
+    tool = IPTABLES_SAVE[backend] if family == 4 else IPTABLES_SAVE[backend].replace("iptables", "ip6tables", 1)
+    save = netns.ns_run(node.host, [tool, "-t", "filter"]).stdout
     return [line for line in save.splitlines() if line.startswith("-A ") and '--comment "rtd:' in line]
 
 
@@ -105,8 +106,10 @@ def test_failed_policy_applies_are_retried_until_the_kernel_is_right(node):
     assert any("policy" in r for r in failing["reasons"])
     status = ready(agent)
     assert status["policy"]["failures"] == 0 and status["policy"]["lastError"] == ""
-    rules = our_rules(node, status["policy"]["backend"])
+    backend = status["policy"]["backend"]
+    rules = our_rules(node, backend) + our_rules(node, backend, family=6)  # the report counts both tables
     assert len(rules) == status["policy"]["rules"] > 0
+    assert our_rules(node, backend) and our_rules(node, backend, family=6)
     assert agent.log().count("policy apply failed") == 5
 
 

@@ -1,8 +1,11 @@
-"""Real packets through real iptables/ipsets in namespaces: NetworkPolicy semantics end to end."""
+"""Real packets through real iptables/ip6tables/ipsets in namespaces: NetworkPolicy semantics end to end, IPv4
+and IPv6 (dual-stack pods; the same policies police both families)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -17,9 +20,9 @@ from policy.calc import PolicyInputs
 from policy.explain import explain
 from routed import netns
 from routed.model import ContainerPort, Pod
-from tests.helpers import run_and_expect
+from tests.helpers import holds_for, run_and_expect
 from tests.netns.policy_harness import RemoteController
-from tests.netns.policy_topo import NODE_IP, OUTSIDE_IPS, PolicyTopo
+from tests.netns.policy_topo import GATEWAY6, NODE_IP, NODE_IP6, OUTSIDE_IPS, OUTSIDE_IPS6, PolicyTopo
 
 pytestmark = [
     pytest.mark.netns,
@@ -28,8 +31,10 @@ pytestmark = [
 
 PREFIX = "rtd-pol-dp"
 WEB, DB, C1, C2 = "10.244.0.10", "10.244.0.11", "10.244.0.12", "10.244.0.20"
+WEB6, DB6, C16, C26 = "fd00:244::10", "fd00:244::11", "fd00:244::12", "fd00:244::20"
 REMOTE = OUTSIDE_IPS[0]  # a pod on another node (dev/remote)
 EXTERNAL = OUTSIDE_IPS[1]  # not a pod
+REMOTE6, EXTERNAL6 = OUTSIDE_IPS6
 
 
 def np(name: str, spec: dict, namespace: str = "prod") -> dict:
@@ -43,7 +48,7 @@ class World:
         self.ctl = ctl
         self.ns_labels: dict[str, dict[str, str]] = {"prod": {"env": "prod"}, "dev": {"env": "dev"}}
         self.policies: list[dict] = []
-        self.remote = Pod("dev", "remote", {"app": "client"}, "other-node", (REMOTE,),
+        self.remote = Pod("dev", "remote", {"app": "client"}, "other-node", (REMOTE, REMOTE6),
                           (ContainerPort(9002, "TCP", "web-alt"),))
         self.label_overrides: dict[str, dict[str, str]] = {}
 
@@ -56,7 +61,7 @@ class World:
             pods.append(pod)
         pods.append(self.remote)
         return PolicyInputs(self.topo.namespaces(self.ns_labels), pods, list(self.policies),
-                            [p.endpoint() for p in self.topo.pods.values()], [NODE_IP])
+                            [p.endpoint() for p in self.topo.pods.values()], [NODE_IP, NODE_IP6])
 
     def sync(self, policies: list[dict] | None = None):
         if policies is not None:
@@ -65,18 +70,24 @@ class World:
         assert report.ok, report.error
         return report
 
+    def source(self, src: str, dst: str) -> str:
+        """The address a probe from `src` to `dst` leaves from ("outside": REMOTE(6), the remote pod dev/remote)."""
+        v6 = ":" in dst
+        if src == "outside":
+            return REMOTE6 if v6 else REMOTE
+        pod = self.topo.pods[src]
+        return (pod.ip6 or "") if v6 else pod.ip
+
     def check(self, expected: list[tuple[str, str, int, str, bool]]) -> None:
-        # "outside" probes leave from REMOTE (a pod on another node, dev/remote)
-        got = self.topo.matrix([(s, d, p, proto, REMOTE) if s == "outside" else (s, d, p, proto)
+        got = self.topo.matrix([(s, d, p, proto, self.source(s, d)) if s == "outside" else (s, d, p, proto)
                                 for s, d, p, proto, _ in expected])
         wrong = [(e[:4], e[4], g) for e, g in zip(expected, got, strict=True) if e[4] != g]
         assert not wrong, f"(flow, want, got): {wrong}"
         # explain must agree with the datapath, flow by flow
         inputs = self.inputs()
-        by_name = {p.name: p.ip for p in self.topo.pods.values()}
         for (src, dst, port, proto, want) in expected:
-            src_ip = by_name.get(src, REMOTE)
-            assert explain(inputs, src_ip, dst, port, proto)["allowed"] == want, (src, dst, port, proto)
+            got_explain = explain(inputs, self.source(src, dst), dst, port, proto)["allowed"]
+            assert got_explain == want, (src, dst, port, proto)
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +98,10 @@ def world():
         topo.up()
         topo.add_pod("prod", "web", WEB, {"app": "web"},
                      (ContainerPort(80, "TCP", "http"), ContainerPort(8080, "TCP", "web-alt"),
-                      ContainerPort(53, "UDP", "dns")))
-        topo.add_pod("prod", "db", DB, {"app": "db"}, (ContainerPort(9001, "TCP", "web-alt"),))
-        topo.add_pod("prod", "c1", C1, {"app": "client"})
-        topo.add_pod("dev", "c2", C2, {"app": "client"})
+                      ContainerPort(53, "UDP", "dns")), ip6=WEB6)
+        topo.add_pod("prod", "db", DB, {"app": "db"}, (ContainerPort(9001, "TCP", "web-alt"),), ip6=DB6)
+        topo.add_pod("prod", "c1", C1, {"app": "client"}, ip6=C16)
+        topo.add_pod("dev", "c2", C2, {"app": "client"}, ip6=C26)
         ctl = RemoteController(topo.node, iptables_writer="restore", iptables_backend="auto")
         yield World(topo, ctl)
     finally:
@@ -250,16 +261,17 @@ def test_unknown_rtd_interface_fails_closed(w: World):
 
 
 def test_second_sync_writes_nothing(w: World):
-    w.sync([np("deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})])
-    w.check([("c1", WEB, 80, "TCP", False)])
-    save = ["iptables-save", "-c", "-t", "filter"]
-    before = netns.ns_run(w.topo.node, save).stdout
+    first = w.sync([np("deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})])
+    assert first.families == (4, 6)
+    w.check([("c1", WEB, 80, "TCP", False), ("c1", WEB6, 80, "TCP", False)])
+    before = {f: _our_rules(w.topo.node, first.backend, f) for f in (4, 6)}
     sets_before = netns.ns_run(w.topo.node, ["ipset", "save"]).stdout
+    assert "family inet6" in sets_before and "rtd6-host-ips" in sets_before
     report = w.sync()
     assert not report.changed and report.iptables_ops == 0 and report.ipset_ops == 0
-    after = netns.ns_run(w.topo.node, save).stdout
-    strip = lambda t: [ln for ln in t.splitlines() if not ln.startswith("#")]  # noqa: E731
-    assert strip(before) == strip(after)  # same rules, same counters
+    assert report.family_ops == {4: 0, 6: 0}
+    assert _our_rules(w.topo.node, first.backend, 4) == before[4]  # same rules, same counters
+    _counters_kept(before[6], _our_rules(w.topo.node, first.backend, 6))
     assert sets_before == netns.ns_run(w.topo.node, ["ipset", "save"]).stdout
 
 
@@ -278,6 +290,166 @@ def test_deny_logging_nflog(world: World):
         world.sync([])
 
 
+# -- IPv6 ------------------------------------------------------------------------------------------------
+def _our_rules(ns: str, backend: str, family: int) -> list[str]:
+    tool = "iptables" if family == 4 else "ip6tables"
+    out = netns.ns_run(ns, [f"{tool}-{backend}-save", "-c", "-t", "filter"]).stdout
+    return [ln for ln in out.splitlines() if not ln.startswith("#")]
+
+
+def _counters_kept(before: list[str], after: list[str]) -> None:
+    """The same rules, none rewritten: every counter kept (it may only have grown: neighbour discovery goes on in
+    the background, and a rewritten rule would start again from 0)."""
+    def split(lines: list[str]) -> list[tuple[int, str]]:
+        out = []
+        for ln in lines:
+            m = re.match(r"^\[(\d+):\d+\] (.*)$", ln)
+            out.append((int(m.group(1)), m.group(2)) if m else (0, ln))
+        return out
+
+    b, a = split(before), split(after)
+    assert [t for _, t in b] == [t for _, t in a]
+    assert all(pa >= pb for (pb, _), (pa, _) in zip(b, a, strict=True))
+    assert any(pb > 0 for pb, text in b if text.startswith("-A rtd-")), "no counted packets to compare"
+
+
+def test_ipv6_ingress_default_deny_and_pod_selector(w: World):
+    w.sync([np("deny", {"podSelector": {"matchLabels": {"app": "web"}}}),
+            np("allow-client", {"podSelector": {"matchLabels": {"app": "web"}},
+                                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                             "ports": [{"port": 80}, {"port": 53, "protocol": "UDP"}]}]})])
+    w.check([("c1", WEB6, 80, "TCP", True), ("c1", WEB6, 8080, "TCP", False), ("c2", WEB6, 80, "TCP", False),
+             ("db", WEB6, 80, "TCP", False), ("c1", DB6, 9001, "TCP", True), ("outside", WEB6, 80, "TCP", False),
+             ("web", C16, 80, "TCP", True), ("c1", WEB6, 53, "UDP", True), ("c1", WEB6, 5353, "UDP", False),
+             ("c1", WEB, 80, "TCP", True), ("c2", WEB, 80, "TCP", False)])  # the same policy polices both families
+
+
+def test_ipv6_ip_block_except_and_families_kept_apart(w: World):
+    w.sync([np("egress6", {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "fd98::/32", "except": ["fd98:0:1::/48"]}}]}]})])
+    w.check([("c1", REMOTE6, 80, "TCP", True), ("c1", EXTERNAL6, 80, "TCP", False), ("c1", WEB6, 80, "TCP", False),
+             ("c1", REMOTE6, 53, "UDP", True),
+             ("c1", REMOTE, 80, "TCP", False),  # an IPv6 block's IPv4 set is empty: no IPv4 flow matches it
+             ("web", EXTERNAL6, 80, "TCP", True)])
+    w.sync([np("egress4", {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"ipBlock": {"cidr": "10.99.0.0/16"}}, {"ipBlock": {"cidr": "::/0",
+                                                                                               "except": ["fd98::/32"]}}]}]})])
+    w.check([("c1", REMOTE, 80, "TCP", True), ("c1", EXTERNAL, 80, "TCP", True),
+             ("c1", REMOTE6, 80, "TCP", False),  # the IPv4 block does not open IPv6; ::/0 excepts fd98::/32
+             ("c1", WEB6, 80, "TCP", True),  # ::/0 (split into two /1 halves in the set)
+             ("c1", WEB, 80, "TCP", False)])
+
+
+def test_ipv6_anti_spoofing(w: World):
+    c1 = w.topo.pods["c1"]
+    forged = "fd00:244::99"
+    netns.ns_run(c1.ns, ["ip", "-6", "addr", "add", f"{forged}/128", "dev", "eth0", "nodad"])
+    # the reply would come back if the forged packet got through
+    netns.ns_run(w.topo.node, ["ip", "-6", "route", "replace", f"{forged}/128", "dev", c1.host_if])
+    try:
+        before = w.ctl.call("drop_counters")["prod/c1"]
+        assert w.topo.probe(c1.ns, [(WEB6, 80, "TCP", forged), (WEB6, 53, "UDP", forged)]) == [False, False]
+        assert w.topo.probe(c1.ns, [(WEB6, 80, "TCP", C16)]) == [True]
+        assert w.ctl.call("drop_counters")["prod/c1"] > before  # the IPv6 table's drops are counted too
+        assert w.topo.probe(c1.ns, [(WEB6, 80, "TCP", C26)]) == [False]  # another pod's address
+        # an endpoint without an IPv6 address: all of its IPv6 is spoofed (the pod cannot speak IPv6 unpoliced),
+        # its IPv4 is not
+        inputs = w.inputs()
+        eps = [e if e.pod_name != "c1" else type(e)(e.container_id, e.ifname, e.netns, e.host_ifname, (C1,),
+                                                     e.pod_namespace, e.pod_name) for e in inputs.endpoints]
+        w.ctl.call("sync", PolicyInputs(inputs.namespaces, inputs.pods, inputs.policies, eps, inputs.node_ips))
+        assert w.topo.probe(c1.ns, [(WEB6, 80, "TCP"), (REMOTE6, 80, "TCP"), (WEB, 80, "TCP")]) == [False, False, True]
+        # positive control: the forged address works once it is the endpoint's own
+        eps = [e if e.pod_name != "c1" else type(e)(e.container_id, e.ifname, e.netns, e.host_ifname,
+                                                     (C1, C16, forged), e.pod_namespace, e.pod_name)
+               for e in inputs.endpoints]
+        w.ctl.call("sync", PolicyInputs(inputs.namespaces, inputs.pods, inputs.policies, eps, inputs.node_ips))
+        assert w.topo.probe(c1.ns, [(WEB6, 80, "TCP", forged)]) == [True]
+    finally:
+        netns.ns_run(c1.ns, ["ip", "-6", "addr", "del", f"{forged}/128", "dev", "eth0"], check=False)
+        netns.ns_run(w.topo.node, ["ip", "-6", "route", "del", f"{forged}/128"], check=False)
+        w.sync()
+
+
+def _flush_neighbours(w: World, *pods: str) -> None:
+    for name in pods:
+        pod = w.topo.pods[name]
+        netns.ns_run(pod.ns, ["ip", "-6", "neigh", "flush", "dev", "eth0"])
+        netns.ns_run(w.topo.node, ["ip", "-6", "neigh", "flush", "dev", pod.host_if])
+        assert w.topo.neighbour(pod.ns, GATEWAY6, "eth0") in ("", "FAILED")
+
+
+def test_ipv6_neighbour_discovery_under_deny_all(w: World):
+    # deny all in both directions, except c1 -> web:80 (TCP): no rule allows ICMPv6 anywhere
+    report = w.sync([np("deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+                     np("c1-out", {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                                   "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                               "ports": [{"port": 80}]}]}),
+                     np("web-in", {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
+                                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                                "ports": [{"port": 80}]}]})])
+    _flush_neighbours(w, "c1", "web")
+    # both pods resolve fe80::1, the node resolves both pods' /128s: neighbour discovery through the policy
+    run_and_expect(lambda: w.topo.reach("c1", WEB6, 80), True, 5.0, interval=0.05).check("c1 -> web6:80 allowed")
+    for name in ("c1", "web"):
+        state = w.topo.neighbour(w.topo.pods[name].ns, GATEWAY6, "eth0")
+        assert state in ("REACHABLE", "DELAY", "PROBE", "STALE"), (name, state)
+    assert w.topo.reach("c1", WEB6, 8080) is False and w.topo.reach("c1", DB6, 9001) is False  # still deny-all
+    _flush_neighbours(w, "db")
+    w.topo.reach("db", WEB6, 80)  # denied, but its gateway is resolved on the way
+    run_and_expect(lambda: w.topo.neighbour(w.topo.pods["db"].ns, GATEWAY6, "eth0"), "REACHABLE", 5.0,
+                   interval=0.05).check("db resolves fe80::1 under deny-all")
+    # negative control: without the neighbour discovery rules the same flow dies (resolution is dropped by the
+    # deny-all egress policy: NS/NA are not TCP to web:80) -- and a read-back restores them
+    backend = report.backend
+    rules = [ln.split("] ", 1)[-1] for ln in _our_rules(w.topo.node, backend, 6)]  # without the counters
+    victims = [ln for ln in rules if ln.startswith("-A rtd-INPUT ") and re.search(r"--icmpv6-type 13[56] ", ln)]
+    assert len(victims) == 2
+    for line in victims:
+        netns.ns_run(w.topo.node, [f"ip6tables-{backend}", "-t", "filter", *shlex.split(line.replace("-A ", "-D ", 1))])
+    _flush_neighbours(w, "c1", "web")
+    holds_for(lambda: w.topo.reach("c1", WEB6, 80), False, 1.5).check("c1 -> web6:80 dies without ND rules")
+    w.ctl.call("force_readback")
+    repaired = w.ctl.call("apply")
+    assert repaired.full and repaired.family_ops.get(6, 0) > 0 and repaired.family_ops.get(4, 0) == 0
+    run_and_expect(lambda: w.topo.reach("c1", WEB6, 80), True, 5.0, interval=0.05).check("repaired")
+
+
+@pytest.mark.parametrize("writer,backend", [("restore", "nft"), ("restore", "legacy"), ("iptc", "legacy")])
+def test_ipv6_every_writer_and_backend(world: World, writer: str, backend: str):
+    """IPv6 policing with each writer and backend (the module's controller is cleared out meanwhile: only one
+    backend's tables hold our rules at a time)."""
+    world.ctl.call("remove_all")
+    ctl = RemoteController(world.topo.node, iptables_writer=writer, iptables_backend=backend)
+    try:
+        world.policies = [np("allow-client", {"podSelector": {"matchLabels": {"app": "web"}},
+                                              "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                                           "ports": [{"port": 80}]}]}),
+                          np("egress6", {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                                         "egress": [{"to": [{"ipBlock": {"cidr": "fd98::/32",
+                                                                         "except": ["fd98:0:1::/48"]}}]},
+                                                    {"to": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]})]
+        report = ctl.call("sync", world.inputs())
+        assert report.ok and report.backend == backend and report.families == (4, 6), report.error
+        assert any("ip6tables" in ln or "rtd6-" in ln for ln in _our_rules(world.topo.node, backend, 6))
+        got = world.topo.matrix([("c1", WEB6, 80, "TCP"), ("c2", WEB6, 80, "TCP"), ("db", WEB6, 80, "TCP"),
+                                 ("c1", REMOTE6, 80, "TCP"), ("c1", EXTERNAL6, 80, "TCP"), ("c1", DB6, 9001, "TCP"),
+                                 ("c1", WEB6, 8080, "TCP"), ("c1", WEB, 80, "TCP"), ("db", WEB, 80, "TCP")])
+        assert got == [True, False, False, True, False, False, False, True, False], got  # c2: other namespace
+        c1 = world.topo.pods["c1"]
+        assert world.topo.probe(c1.ns, [(WEB6, 80, "TCP", C26)]) == [False]  # spoofed source
+        before6 = _our_rules(world.topo.node, backend, 6)
+        again = ctl.call("sync", world.inputs())
+        assert again.ok and again.iptables_ops == 0 and again.ipset_ops == 0
+        _counters_kept(before6, _our_rules(world.topo.node, backend, 6))
+        ctl.call("remove_all")
+        assert not any("rtd" in ln for ln in _our_rules(world.topo.node, backend, 6))
+    finally:
+        ctl.close()
+        world.policies = []
+        world.sync([])
+
+
 # -- property: random policies, explain == datapath ------------------------------------------------------
 _apps = st.sampled_from(["web", "db", "client"])
 _selector = st.one_of(st.just({}), _apps.map(lambda a: {"matchLabels": {"app": a}}),
@@ -289,7 +461,10 @@ _peer = st.one_of(
     st.tuples(_ns_selector, _selector).map(lambda t: {"namespaceSelector": t[0], "podSelector": t[1]}),
     st.sampled_from([{"ipBlock": {"cidr": "10.99.0.0/16", "except": ["10.99.1.0/24"]}},
                      {"ipBlock": {"cidr": "10.244.0.0/24", "except": ["10.244.0.12/32"]}},
-                     {"ipBlock": {"cidr": "0.0.0.0/0"}}]),
+                     {"ipBlock": {"cidr": "0.0.0.0/0"}},
+                     {"ipBlock": {"cidr": "fd98::/32", "except": ["fd98:0:1::/48"]}},
+                     {"ipBlock": {"cidr": "fd00:244::/64", "except": ["fd00:244::12/128"]}},
+                     {"ipBlock": {"cidr": "::/0"}}]),
 )
 _port = st.sampled_from([{"port": 80}, {"port": "web-alt"}, {"port": 9000, "endPort": 9002},
                          {"port": 53, "protocol": "UDP"}, {"protocol": "UDP"}, {"port": 8080}])
@@ -316,7 +491,9 @@ _policies = st.lists(
 
 FLOWS = [("c1", WEB, 80, "TCP"), ("c2", WEB, 8080, "TCP"), ("c2", DB, 9001, "TCP"), ("web", C1, 9000, "TCP"),
          ("db", REMOTE, 9002, "TCP"), ("c1", EXTERNAL, 53, "UDP"), ("outside", C2, 80, "TCP"),
-         ("c2", WEB, 53, "UDP"), ("web", DB, 9001, "TCP"), ("c1", REMOTE, 80, "TCP")]
+         ("c2", WEB, 53, "UDP"), ("web", DB, 9001, "TCP"), ("c1", REMOTE, 80, "TCP"),
+         ("c1", WEB6, 80, "TCP"), ("c2", WEB6, 8080, "TCP"), ("web", C16, 9000, "TCP"), ("db", REMOTE6, 9002, "TCP"),
+         ("c1", EXTERNAL6, 53, "UDP"), ("outside", C26, 80, "TCP"), ("c2", WEB6, 53, "UDP"), ("c1", REMOTE6, 80, "TCP")]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
@@ -326,12 +503,12 @@ def test_property_explain_matches_datapath(world: World, policies: list[dict]):
     world.label_overrides = {}
     world.sync(policies)
     inputs = world.inputs()
-    ips = {p.name: p.ip for p in world.topo.pods.values()}
     want = []
     for s, d, port, proto in FLOWS:
-        e = explain(inputs, ips.get(s, REMOTE), d, port, proto)
+        e = explain(inputs, world.source(s, d), d, port, proto)
         # a remote pod's policies are enforced by its own node, not by this one
-        want.append((e["egress"]["allowed"] or s == "outside") and (e["ingress"]["allowed"] or d in (REMOTE, EXTERNAL)))
-    got = world.topo.matrix([(s, d, p, proto, REMOTE) if s == "outside" else (s, d, p, proto)
+        want.append((e["egress"]["allowed"] or s == "outside")
+                    and (e["ingress"]["allowed"] or d in (REMOTE, EXTERNAL, REMOTE6, EXTERNAL6)))
+    got = world.topo.matrix([(s, d, p, proto, world.source(s, d)) if s == "outside" else (s, d, p, proto)
                              for s, d, p, proto in FLOWS])
     assert got == want, [(f, w_, g) for f, w_, g in zip(FLOWS, want, got, strict=True) if w_ != g]

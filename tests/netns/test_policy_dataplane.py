@@ -1,4 +1,5 @@
-"""Dataplane properties on a real kernel: writer equivalence, kill -9 atomicity, sweeping, idempotence."""
+"""Dataplane properties on a real kernel, for both families' tables (iptables and ip6tables, one ipset
+namespace): writer equivalence, kill -9 atomicity, sweeping, idempotence."""
 
 from __future__ import annotations
 
@@ -35,16 +36,20 @@ def synthetic(n_endpoints: int, n_policies: int, seed: int) -> PolicyInputs:
     for i in range(n_endpoints + 40):
         ns = f"ns{i % 4}"
         ip = f"10.244.{i // 250}.{i % 250 + 2}"
-        pod = Pod(ns, f"p{i}", {"app": f"a{i % 7}", "tier": rnd.choice(["fe", "be"])}, "node", (ip,),
+        # dual-stack pods, IPv4-only pods and IPv6-only pods
+        ips = {0: (ip, f"fd00:244::{i:x}"), 1: (ip,), 2: (f"fd00:244::{i:x}",)}[i % 3 if i % 5 else 0]
+        pod = Pod(ns, f"p{i}", {"app": f"a{i % 7}", "tier": rnd.choice(["fe", "be"])}, "node", ips,
                   (ContainerPort(8000 + i % 5, "TCP", "web"),))
         pods.append(pod)
         if i < n_endpoints:
-            endpoints.append(Endpoint(f"c{i}", "eth0", "", f"rtd{i:011x}", (ip,), ns, pod.name))
+            endpoints.append(Endpoint(f"c{i}", "eth0", "", f"rtd{i:011x}", ips, ns, pod.name))
     policies = []
     for j in range(n_policies):
+        x6 = rnd.randrange(256)
         peer = rnd.choice([{"podSelector": {"matchLabels": {"app": f"a{rnd.randrange(7)}"}}},
                            {"namespaceSelector": {"matchLabels": {"team": f"t{rnd.randrange(3)}"}}},
-                           {"ipBlock": {"cidr": f"10.{rnd.randrange(256)}.0.0/16", "except": []}}])
+                           {"ipBlock": {"cidr": f"10.{rnd.randrange(256)}.0.0/16", "except": []}},
+                           {"ipBlock": {"cidr": f"fd{x6:02x}::/16", "except": [f"fd{x6:02x}:1::/32"]}}])
         port = rnd.choice([{"port": 80}, {"port": "web"}, {"port": 9000, "endPort": 9100, "protocol": "UDP"},
                            {"protocol": "SCTP", "port": 7}])
         spec = {"podSelector": {"matchLabels": {"app": f"a{rnd.randrange(7)}"}},
@@ -53,13 +58,18 @@ def synthetic(n_endpoints: int, n_policies: int, seed: int) -> PolicyInputs:
         if spec["egress"]:
             spec["policyTypes"] = ["Ingress", "Egress"]
         policies.append({"metadata": {"name": f"pol{j}", "namespace": f"ns{j % 4}"}, "spec": spec})
-    return PolicyInputs(namespaces, pods, policies, endpoints, ["192.168.250.1"])
+    return PolicyInputs(namespaces, pods, policies, endpoints, ["192.168.250.1", "fd99:250::1"])
 
 
-def ruleset(ns: str, backend: str = "nft", counters: bool = False) -> list[str]:
-    cmd = [f"iptables-{backend}-save", "-t", "filter"] + (["-c"] if counters else [])
+def ruleset(ns: str, backend: str = "nft", counters: bool = False, family: int = 4) -> list[str]:
+    tool = "iptables" if family == 4 else "ip6tables"
+    cmd = [f"{tool}-{backend}-save", "-t", "filter"] + (["-c"] if counters else [])
     out = netns.ns_run(ns, cmd).stdout
     return [ln for ln in out.splitlines() if ln and not ln.startswith("#")]
+
+
+def both(ns: str, backend: str = "nft", counters: bool = False) -> dict[int, list[str]]:
+    return {family: ruleset(ns, backend, counters, family) for family in (4, 6)}
 
 
 def sets(ns: str) -> list[str]:
@@ -96,10 +106,11 @@ def test_both_writers_same_kernel_state(spaces):
         for inp in (inputs, changed, inputs):  # cold, then incremental both ways
             ra, rb = ctl_a.call("sync", inp), ctl_b.call("sync", inp)
             assert ra.ok and rb.ok, (ra.error, rb.error)
-            assert rb.backend == "legacy"
-            assert ruleset(a, "legacy") == ruleset(b, "legacy")
+            assert rb.backend == "legacy" and ra.families == rb.families == (4, 6)
+            assert both(a, "legacy") == both(b, "legacy")
             assert sets(a) == sets(b)
-            assert len(ruleset(a, "legacy")) > 100
+            assert len(ruleset(a, "legacy")) > 100 and len(ruleset(a, "legacy", family=6)) > 100
+            assert "family inet6" in " ".join(sets(a))
             assert ctl_b.call("sync", inp).iptables_ops == 0  # iptc writer is idempotent too
     finally:
         ctl_a.close()
@@ -113,19 +124,23 @@ def test_sweep_leftovers_and_keep_foreign_rules(spaces):
     script = ("*filter\n:rtd-stale - [0:0]\n:other - [0:0]\n-A rtd-stale -j DROP\n"
               "-A FORWARD -m comment --comment rtd:old -j rtd-stale\n-A FORWARD -s 1.2.3.4/32 -j other\nCOMMIT\n")
     subprocess.run(netns.ns_cmd(ns, ["iptables-nft-restore", "--noflush"]), input=script, text=True, check=True)
+    script6 = script.replace("1.2.3.4/32", "fd12::4/128")
+    subprocess.run(netns.ns_cmd(ns, ["ip6tables-nft-restore", "--noflush"]), input=script6, text=True, check=True)
+    netns.ns_run(ns, ["ipset", "create", "rtd6-s-stale", "hash:ip", "family", "inet6"])
     ctl = RemoteController(ns)
     try:
         assert ctl.call("sync", synthetic(5, 5, seed=3)).ok
-        lines = ruleset(ns)
-        assert not any("rtd-stale" in ln for ln in lines)
-        assert "-A FORWARD -s 1.2.3.4/32 -j other" in lines and ":other - [0:0]" in lines
-        assert lines.index(next(ln for ln in lines if ln.startswith("-A FORWARD"))).__class__ is int
-        assert next(ln for ln in lines if ln.startswith("-A FORWARD")).endswith("-j rtd-FORWARD")  # hook first
-        assert not any("rtd-s-stale" in ln for ln in sets(ns))
+        for family, foreign in ((4, "1.2.3.4/32"), (6, "fd12::4/128")):
+            lines = ruleset(ns, family=family)
+            assert not any("rtd-stale" in ln for ln in lines), family
+            assert f"-A FORWARD -s {foreign} -j other" in lines and ":other - [0:0]" in lines
+            assert next(ln for ln in lines if ln.startswith("-A FORWARD")).endswith("-j rtd-FORWARD")  # hook first
+        assert not any("stale" in ln for ln in sets(ns))
         ctl.call("remove_all")
-        lines = ruleset(ns)
-        assert not any("rtd" in ln for ln in lines), lines
-        assert "-A FORWARD -s 1.2.3.4/32 -j other" in lines
+        for family, foreign in ((4, "1.2.3.4/32"), (6, "fd12::4/128")):
+            lines = ruleset(ns, family=family)
+            assert not any("rtd" in ln for ln in lines), lines
+            assert f"-A FORWARD -s {foreign} -j other" in lines
         assert sets(ns) == []
     finally:
         ctl.close()
@@ -137,10 +152,11 @@ def test_idempotent_counters_survive(spaces):
     try:
         inputs = synthetic(20, 10, seed=4)
         assert ctl.call("sync", inputs).changed
-        before = ruleset(ns, counters=True)
+        before = both(ns, counters=True)
         report = ctl.call("sync", inputs)
         assert report.ok and not report.changed and report.iptables_ops == 0 and report.ipset_ops == 0
-        assert ruleset(ns, counters=True) == before
+        assert report.family_ops == {4: 0, 6: 0}
+        assert both(ns, counters=True) == before
         # one policy changes: only its chain's rules are rewritten
         changed = PolicyInputs(inputs.namespaces, inputs.pods,
                                inputs.policies[:-1] + [dict(inputs.policies[-1], spec={"podSelector": {}})],
@@ -166,11 +182,11 @@ def test_kill9_mid_apply_is_old_or_new(spaces, writer, backend):
     opts = {"iptables_writer": writer, "iptables_backend": backend}
     try:
         subprocess.run(once_cmd(ref, files[1], **opts), check=True)
-        want_new = ruleset(ref, backend)
+        want_new = both(ref, backend)
         want_new_sets = sets(ref)
         subprocess.run(once_cmd(ref, files[0], **opts), check=True)
-        want_old = ruleset(ref, backend)
-        assert want_old != want_new
+        want_old = both(ref, backend)
+        assert want_old[4] != want_new[4] and want_old[6] != want_new[6]
         t0 = time.monotonic()
         subprocess.run(once_cmd(ns, files[1], **opts), check=True)
         full = time.monotonic() - t0
@@ -178,7 +194,7 @@ def test_kill9_mid_apply_is_old_or_new(spaces, writer, backend):
         seen = {"old": 0, "new": 0}
         for _ in range(25):
             subprocess.run(once_cmd(ns, files[0], **opts), check=True)
-            assert ruleset(ns, backend) == want_old
+            assert both(ns, backend) == want_old
             proc = subprocess.Popen(once_cmd(ns, files[1], **opts))
             # deliberate, the subject of the test: kill -9 at a random point of the apply (most of `full` is
             # interpreter start-up)
@@ -188,12 +204,15 @@ def test_kill9_mid_apply_is_old_or_new(spaces, writer, backend):
             # no process left in the namespace (an orphaned iptables-restore finishing)
             run_and_expect(lambda: netns.pids(ns), lambda pids: not pids, 10.0,
                            interval=0.01).check("processes left in namespace")
-            got = ruleset(ns, backend)
-            assert got in (want_old, want_new), "half-applied ruleset after kill -9"
-            seen["old" if got == want_old else "new"] += 1
+            got = both(ns, backend)
+            for family in (4, 6):  # each family's table is committed atomically: old or new, never half
+                assert got[family] in (want_old[family], want_new[family]), f"half-applied IPv{family} ruleset"
+            seen["old" if got[4] == want_old[4] else "new"] += 1
         subprocess.run(once_cmd(ns, files[1], **opts), check=True)
-        final = ruleset(ns, backend)
-        assert final == want_new and len(final) == len(set(final)) + final.count("COMMIT") - 1
+        final = both(ns, backend)
+        assert final == want_new
+        for rules in final.values():
+            assert len(rules) == len(set(rules)) + rules.count("COMMIT") - 1
         assert sets(ns) == want_new_sets
         print(f"kill -9 outcomes ({writer}/{backend}): {seen}")
         assert seen["old"] > 0 and seen["new"] > 0, seen  # the kills landed on both sides of the commit

@@ -85,3 +85,21 @@ def test_unknown_pod_fails_closed_and_invalid_reported():
     assert calc.endpoints[0].unknown_pod and calc.endpoints[0].ingress == () and calc.endpoints[0].egress == ()
     assert calc.problems[0].key == "x/bad" and calc.problems[0].fail_closed == ("Ingress",)
     assert calc.warnings
+
+
+def test_ipv6_pods_are_members_and_endpoints_keep_every_address():
+    pods = [Pod("x", "a", {"app": "s"}, "n", ("10.1.0.1", "fd00::1"), (ContainerPort(80, "TCP", "web"),)),
+            Pod("x", "b", {"app": "c"}, "n", ("fd00::2",), (ContainerPort(80, "TCP", "web"),)),
+            Pod("x", "ghost-ip", {"app": "c"}, "n", ())]
+    eps = [Endpoint("c", "eth0", "", "rtd00000000001", ("10.1.0.1", "fd00::1"), "x", "a"),
+           Endpoint("g", "eth0", "", "rtd00000000009", ("fd00::9",), "x", "ghost-ip")]
+    policy = pol("p", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "c"}}}],
+                                                       "ports": [{"port": "web"}]}]}, ns="x")
+    calc = calculate(PolicyInputs([Namespace("x")], pods, [policy], eps, ["192.168.0.1", "fd99::1", "node-a"]))
+    assert [ep.ips for ep in calc.endpoints] == [("10.1.0.1", "fd00::1"), ("fd00::9",)]
+    sel = next(s for s in calc.ipsets.values() if s.kind == "hash:ip" and s.name != names.IPSET_HOST)
+    assert sel.members == {"fd00::2", "fd00::9"}  # an IPv6-only pod, and one known by its endpoint's address
+    port = next(s for s in calc.ipsets.values() if s.kind == "hash:ip,port")
+    assert port.members == {"10.1.0.1,tcp:80", "fd00::1,tcp:80", "fd00::2,tcp:80"}
+    assert port.contains("fd00::2", "TCP", 80) and not port.contains("fd00::2", "TCP", 81)
+    assert calc.ipsets[names.IPSET_HOST].members == {"192.168.0.1", "fd99::1"}  # not-an-address skipped

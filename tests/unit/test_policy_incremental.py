@@ -7,18 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from policy.calc import Calculation, PolicyInputs, calculate
 from policy.incremental import Changes, PolicyEngine
+from policy.names import FAMILIES
 from policy.render import RenderOptions, render, render_chains
 from routed.model import ContainerPort, Endpoint, Namespace, Pod
 
 NAMESPACES = ("a", "b", "c")
 POD_NAMES = ("p1", "p2", "p3", "p4")
 LABEL_VALUES = ("x", "y")
-IPS = ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "fd00::1")  # few: pods share addresses
+IPS = ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "fd00::1", "fd00::2")  # few: pods share addresses
 ENDPOINTS = ("rtd00000000001", "rtd00000000002", "rtd00000000003")
 
 labels = st.dictionaries(st.sampled_from(("app", "tier", "env")), st.sampled_from(LABEL_VALUES), max_size=2)
@@ -36,6 +37,7 @@ peer = st.one_of(
     st.builds(lambda a, b: {"namespaceSelector": a, "podSelector": b}, selector, selector),
     st.builds(lambda c, e: {"ipBlock": {"cidr": c, "except": e}}, st.sampled_from(("10.0.0.0/24", "0.0.0.0/0", "fd00::/64")),
               st.sampled_from(([], ["10.0.0.2/32"]))),
+    st.sampled_from(({"ipBlock": {"cidr": "::/0", "except": ["fd00::2/128"]}}, {"ipBlock": {"cidr": "fd00::/120"}})),
 )
 port = st.one_of(st.builds(lambda p: {"port": p}, st.sampled_from((80, 81))),
                  st.builds(lambda n: {"port": n, "protocol": "TCP"}, st.sampled_from(("web", "alt"))),
@@ -63,7 +65,8 @@ WEB, ALT = ContainerPort(8080, "TCP", "web"), ContainerPort(9090, "TCP", "alt")
 pod_event = st.builds(
     lambda ns, name, lbl, ips, host, ports: ("pod", Pod(ns, name, lbl, "n", ips, ports, host)),
     st.sampled_from(NAMESPACES), st.sampled_from(POD_NAMES), labels,
-    st.sampled_from(((), (IPS[0],), (IPS[1],), (IPS[2],), (IPS[3], IPS[4]), (IPS[0], IPS[1]))),
+    st.sampled_from(((), (IPS[0],), (IPS[1],), (IPS[2],), (IPS[3], IPS[4]), (IPS[0], IPS[1]), (IPS[5],),
+                     (IPS[2], IPS[5]))),
     st.sampled_from((False, False, False, True)),
     st.sampled_from(((), (WEB,), (WEB, ALT))),
 )
@@ -77,9 +80,10 @@ events = st.one_of(
     st.builds(lambda ns, name: ("del_policy", f"{ns}/{name}"), st.sampled_from(NAMESPACES), st.sampled_from(("q1", "q2", "q3"))),
     st.builds(lambda hif, ns, name, ips: ("endpoint", Endpoint("c" + hif[-1], "eth0", "", hif, ips, ns, name)),
               st.sampled_from(ENDPOINTS), st.sampled_from(NAMESPACES), st.sampled_from(POD_NAMES),
-              st.sampled_from(((IPS[0],), (IPS[2],), (IPS[3],), ()))),
+              st.sampled_from(((IPS[0],), (IPS[2],), (IPS[3],), (), (IPS[4],), (IPS[2], IPS[5])))),
     st.builds(lambda hif: ("del_endpoint", hif), st.sampled_from(ENDPOINTS)),
-    st.builds(lambda ips: ("node_ips", ips), st.sampled_from(((), ("192.168.0.1",), ("192.168.0.1", "192.168.0.2")))),
+    st.builds(lambda ips: ("node_ips", ips), st.sampled_from(((), ("192.168.0.1",), ("192.168.0.1", "192.168.0.2"),
+                                                             ("192.168.0.1", "fd99::1")))),
 )
 
 
@@ -129,10 +133,11 @@ def covered(before: Calculation, after: Calculation, changes: Changes) -> list[s
         elif delta is not None and old is not None and new is not None and (
                 (old.members | delta[0]) - delta[1] != new.members):
             missing.append(f"set {name} delta {delta} does not turn {sorted(old.members)} into {sorted(new.members)}")
-    old_rules, new_rules = render(before).chains, render(after).chains
-    for chain in set(old_rules) | set(new_rules):
-        if old_rules.get(chain) != new_rules.get(chain) and chain not in changes.chains:
-            missing.append(f"chain {chain}")
+    for family in FAMILIES:
+        old_rules, new_rules = render(before, family=family).chains, render(after, family=family).chains
+        for chain in set(old_rules) | set(new_rules):
+            if old_rules.get(chain) != new_rules.get(chain) and chain not in changes.chains:
+                missing.append(f"IPv{family} chain {chain}")
     return missing
 
 
@@ -144,7 +149,7 @@ PROLOGUE = [
     ("pod", Pod("b", "p1", {"app": "x", "tier": "y"}, "n", (IPS[2],))), ("pod", Pod("c", "p3", {"env": "x"}, "n", (IPS[1],))),
     ("endpoint", Endpoint("c1", "eth0", "", ENDPOINTS[0], (IPS[0],), "a", "p1")),
     ("endpoint", Endpoint("c2", "eth0", "", ENDPOINTS[1], (IPS[3],), "a", "p2")),
-    ("endpoint", Endpoint("c3", "eth0", "", ENDPOINTS[2], (IPS[2],), "b", "p1")),
+    ("endpoint", Endpoint("c3", "eth0", "", ENDPOINTS[2], (IPS[2], IPS[5]), "b", "p1")),
     ("policy", {"metadata": {"name": "q1", "namespace": "a"},
                 "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "x"}}},
                                                                   {"namespaceSelector": {"matchLabels": {"env": "y"}}}],
@@ -159,12 +164,23 @@ PROLOGUE = [
 ]
 
 
+# a namespaceSelector set whose pod selector has `In` with two values is indexed twice: a namespace event
+# must still update it once
+_TWO_VALUE_IN = ("policy", {"metadata": {"name": "q1", "namespace": "a"}, "spec": {"podSelector": {}, "egress": [
+    {"to": [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "Exists"}]},
+             "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x", "y"]}]}}]}]}})
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(events, min_size=1, max_size=40))
+@example([_TWO_VALUE_IN, ("del_ns", "a")])
+@example([_TWO_VALUE_IN, ("endpoint", Endpoint("c2", "eth0", "", ENDPOINTS[1], (IPS[2],), "a", "p2")),
+          ("ns", Namespace("a", {}))])
 def test_incremental_equals_full_after_every_event(sequence):
     engine, policies = PolicyEngine(), {}
     previous = calculate(inputs_of(engine, policies))
-    chains = render(previous).chains  # kept up to date from the changed chains only, as the dataplane does
+    # each family's chains, kept up to date from the changed chains only, as the dataplane does
+    chains = {family: render(previous, family=family).chains for family in FAMILIES}
     for event in PROLOGUE + sequence:
         apply(engine, policies, event)
         want = calculate(inputs_of(engine, policies))
@@ -172,12 +188,13 @@ def test_incremental_equals_full_after_every_event(sequence):
         changes = engine.take_changes()
         missing = covered(previous, want, changes)
         assert not missing, (event, missing)
-        for chain, rules in render_chains(engine, changes.chains, RenderOptions()).items():
-            if rules is None:
-                chains.pop(chain, None)
-            else:
-                chains[chain] = rules
-        assert chains == render(want).chains, event
+        for family in FAMILIES:
+            for chain, rules in render_chains(engine, changes.chains, RenderOptions(), family).items():
+                if rules is None:
+                    chains[family].pop(chain, None)
+                else:
+                    chains[family][chain] = rules
+            assert chains[family] == render(want, family=family).chains, (family, event)
         previous = want
     loaded = PolicyEngine.from_inputs(inputs_of(engine, policies))  # the bulk load gives the same state
     assert loaded.calculation() == previous
@@ -185,8 +202,8 @@ def test_incremental_equals_full_after_every_event(sequence):
 
 def test_from_inputs_equals_full():
     pods = [Pod("a", "p1", {"app": "x"}, "n", ("10.0.0.1",), (ContainerPort(80, "TCP", "web"),)),
-            Pod("b", "p2", {"app": "y"}, "n", ("10.0.0.2",)), Pod("a", "p3", {"app": "x"}, "n", ())]
-    eps = [Endpoint("c1", "eth0", "", "rtd00000000001", ("10.0.0.3",), "a", "p3")]
+            Pod("b", "p2", {"app": "y"}, "n", ("10.0.0.2", "fd00::2")), Pod("a", "p3", {"app": "x"}, "n", ())]
+    eps = [Endpoint("c1", "eth0", "", "rtd00000000001", ("10.0.0.3", "fd00::3"), "a", "p3")]
     pol = {"metadata": {"name": "web", "namespace": "a"},
            "spec": {"podSelector": {"matchLabels": {"app": "x"}},
                     "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": "web"}]}]}}
