@@ -40,7 +40,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "asNumberLabel": "Node label whose value is the node's AS number.",
         "rackLabel": "Node label naming the node's rack (key into rackASNumbers).",
         "rackASNumbers": "AS number per rack.",
-        "routerID": "BGP router id (IPv4); default: the node's first IPv4 InternalIP.",
+        "routerID": ("BGP router id (IPv4); default: the node's first IPv4 InternalIP, else (IPv6-only nodes) a "
+                     "stable id hashed from the node name."),
         "holdTime": "Hold time in seconds.",
         "keepaliveTime": "Keepalive interval in seconds (at most holdTime/3).",
         "gracefulRestartTime": "Graceful-restart time in seconds; 0 disables graceful restart.",

@@ -8,11 +8,12 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from routed import netns
+from routed import api, netns
 from routed.lab.lab import Lab
 from routed.lab.routers import kernel_routes
 from routed.lab.state import LabState
@@ -40,7 +41,7 @@ def expect_tor_routes(state: LabState, family: int) -> None:
 
         run_and_expect(learned, want, timeout=30).check(f"{tor.name} ({tor.kind}) kernel routes, IPv{family}")
         protocols = {r["prefix"]: r["protocol"] for r in kernel_routes(tor.netns, family) if r["prefix"] in want}
-        assert set(protocols.values()) == {"bgp"}, protocols
+        assert set(protocols.values()) <= {"bgp", "bird"}, protocols  # BIRD installs its routes as proto bird
 
 
 def expect_matrix(lab: Lab, family: int) -> None:
@@ -133,3 +134,76 @@ def test_ipv6_only_lab() -> None:
     finally:
         lab.down()
     assert netns.list_ours("rtd-tv6only-") == []
+
+
+DENY_ALL = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "policies", "deny-all.yaml")
+UDP_SEND = ("import socket,sys,time\n"
+            "s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM); s.bind((sys.argv[1],0))\n"
+            "for _ in range(20):\n    s.sendto(b'x',(sys.argv[2],80)); time.sleep(0.02)\n")
+
+
+def packets_on_tor_link(lab: Lab, pod: str, src: str, dst: str) -> int:
+    """IPv6 UDP packets from `src` to `dst`:80 seen on the ToR side of the pod's node uplink while the pod
+    sends 20 of them from source address `src`."""
+    state = lab.state()
+    uplink = state.node(state.pods[pod].node).uplinks[0]["tor_ifname"]
+    capture = subprocess.Popen(
+        netns.ns_cmd(state.tors[0].netns, ["tcpdump", "-l", "-n", "-i", uplink,
+                                           f"ip6 and udp and src host {src} and dst host {dst}"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert capture.stderr is not None
+        ok, banner, _ = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line,
+                                       timeout=5)
+        assert ok and "listening on" in banner, banner
+        netns.ns_run(state.pods[pod].netns, [sys.executable, "-c", UDP_SEND, src, dst], check=True)
+    finally:
+        capture.terminate()
+        out, _ = capture.communicate(timeout=10)
+    return sum(1 for line in out.splitlines() if f"{src}." in line)
+
+
+def test_ipv6_spoofed_source_is_dropped(dual_lab: Lab) -> None:
+    if dual_lab.state().tor_kind != "frr":
+        pytest.skip("the node's datapath does not depend on the ToR kind: FRR only")
+    state = dual_lab.state()
+    client, victim, target = (state.pods[k] for k in ("demo/client-1", "demo/client-2", "demo/web-2"))
+    spoofed = v6(victim.ips)
+    netns.ns_run(client.netns, ["ip", "-6", "addr", "add", f"{spoofed}/128", "dev", "eth0", "nodad"], check=True)
+    try:
+        # control: the real source leaves the node (the first packets may wait for neighbour discovery)
+        assert packets_on_tor_link(dual_lab, client.key, v6(client.ips), v6(target.ips)) >= 15
+        assert packets_on_tor_link(dual_lab, client.key, spoofed, v6(target.ips)) == 0
+    finally:
+        netns.ns_run(client.netns, ["ip", "-6", "addr", "del", f"{spoofed}/128", "dev", "eth0"])
+
+
+def test_neighbour_discovery_under_deny_all(dual_lab: Lab) -> None:
+    if dual_lab.state().tor_kind != "frr":
+        pytest.skip("the node's datapath does not depend on the ToR kind: FRR only")
+    state = dual_lab.state()
+    pod = state.pods["demo/web-1"]
+    node = state.node(pod.node)
+    endpoint = next(e for e in api.call(dual_lab.paths.node_socket(node.name), "endpoints.list")
+                    if e["podName"] == "web-1")
+    dual_lab.apply(DENY_ALL)
+    try:
+        run_and_expect(lambda: dual_lab.matrix(ports=[80], protocols=["tcp"], family=6),
+                       lambda rows: rows and not any(r["allowed"] for r in rows if r["from"] != r["to"]),
+                       timeout=20).check("deny-all in force on IPv6")
+        # both directions of neighbour discovery start from scratch under the policy
+        netns.ns_run(pod.netns, ["ip", "-6", "neigh", "flush", "dev", "eth0"], check=True)
+        netns.ns_run(node.netns, ["ip", "-6", "neigh", "flush", "dev", endpoint["hostIfname"]], check=True)
+        # the node still reaches its pod (host traffic is exempt), resolving the pod's /128 by NS/NA
+        assert netns.ns_run(node.netns, ["ping", "-c", "2", "-W", "1", v6(pod.ips)], check=False).returncode == 0
+        # and the pod resolves its gateway fe80::1 (its own probe is denied by policy, the NS is not)
+        netns.ns_run(pod.netns, ["ping", "-c", "1", "-W", "1", v6(state.pods["demo/web-2"].ips)], check=False)
+        neigh = run_and_expect(lambda: netns.ns_run(pod.netns, ["ip", "-6", "neigh", "show", "fe80::1"],
+                                                    check=False).stdout,
+                               lambda out: any(s in out for s in ("REACHABLE", "STALE", "DELAY", "PROBE")),
+                               timeout=5).check("fe80::1 resolved from inside the pod")
+        assert "FAILED" not in neigh
+    finally:
+        dual_lab.delete(DENY_ALL)
+    expect_matrix(dual_lab, 6)

@@ -2,10 +2,13 @@
 
 Each case applies policies through the lab (manifest datastore → agents → ipsets/iptables) and polls the live
 matrix until it equals the expected table, written by hand from the NetworkPolicy API rules.
+The whole suite runs three times: an IPv4 lab, a dual-stack lab probed on its pods' IPv6 addresses (ipBlocks
+written in IPv6), and an IPv6-only lab.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
@@ -28,14 +31,38 @@ pytestmark = [pytest.mark.requires_root, pytest.mark.topo]
 CONVERGE_SECONDS = 20.0
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    lab = Lab("tpol")
+VARIANTS = {"ipv4": ("ipv4", 4), "dual-v6": ("dual", 6), "ipv6": ("ipv6", 6)}  # lab family, probed family
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def lab(request, tmp_path_factory):
+    ip_family, probed = VARIANTS[request.param]
+    lab = Lab(f"tpol{request.param.replace('-', '')[:6]}")
+    lab.probe_family = probed  # type: ignore[attr-defined]  # which pod addresses the matrix probes
     manifest = tmp_path_factory.mktemp("model") / "model.yaml"
     manifest.write_text(model_manifest())
-    lab.up(nodes=2, files=[str(manifest)])
+    lab.up(nodes=2, files=[str(manifest)], ip_family=ip_family)
     yield lab
     lab.down()
+
+
+def family(lab: Lab) -> int:
+    return int(getattr(lab, "probe_family", 4))
+
+
+def ip_of(lab: Lab, pod: str, version: int | None = None) -> str:
+    """The pod's address of the probed family (or of `version`)."""
+    version = version or family(lab)
+    return next(ip for ip in lab.state().pods[pod].ips if ipaddress.ip_address(ip).version == version)
+
+
+def host_net(ip: str) -> str:
+    return f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}"
+
+
+def cidr_of(lab: Lab, node: str, version: int | None = None) -> str:
+    version = version or family(lab)
+    return next(c for c in lab.state().node(node).cidrs() if ipaddress.ip_network(c).version == version)
 
 
 @pytest.fixture
@@ -58,7 +85,7 @@ def apply(lab, tmp_path):
 
 def expect_matrix(lab: Lab, expected: Reachability) -> None:
     wanted = expected.table
-    ok, seen, _ = run_and_expect(lambda: observed(lab.matrix(timeout=0.8)), lambda s: s == wanted,
+    ok, seen, _ = run_and_expect(lambda: observed(lab.matrix(timeout=0.8, family=family(lab))), lambda s: s == wanted,
                                  timeout=CONVERGE_SECONDS, interval=0.2)
     problems = diff(wanted, seen)
     assert ok and not problems, f"{len(problems)} cells differ:\n" + "\n".join(problems[:40])
@@ -161,11 +188,11 @@ def test_end_port_range(lab, apply):
 
 def test_ip_block_with_except(lab, apply):
     state = lab.state()
-    xb_ip = state.pods["x/b"].ips[0]
-    node2_cidr = state.node("node2").pod_cidr
+    xb_ip = ip_of(lab, "x/b")
+    node2_cidr = cidr_of(lab, "node2")
     apply(policy("ipblock", "x", {
         "podSelector": {"matchLabels": {"pod": "a"}},
-        "ingress": [{"from": [{"ipBlock": {"cidr": node2_cidr, "except": [f"{xb_ip}/32"]}}]}],
+        "ingress": [{"from": [{"ipBlock": {"cidr": node2_cidr, "except": [host_net(xb_ip)]}}]}],
     }))
     on_node2 = lambda k: state.pods[k].node == "node2" and k != "x/b"  # noqa: E731
     expect_matrix(lab, Reachability.all().set(ANY, pods_where("x", "a"), False)
@@ -276,7 +303,7 @@ def test_explain_agrees_with_matrix(lab, apply):
     reads: list[dict[Any, bool]] = [{}]
 
     def last_two_reads() -> list[dict[Any, bool]]:
-        reads.append(observed(lab.matrix(timeout=0.8)))
+        reads.append(observed(lab.matrix(timeout=0.8, family=family(lab))))
         return reads[-2:]
 
     _, last_two, _ = run_and_expect(last_two_reads, lambda pair: pair[0] == pair[1], CONVERGE_SECONDS,
@@ -287,7 +314,8 @@ def test_explain_agrees_with_matrix(lab, apply):
     for (src, dst, port, proto), allowed in seen.items():
         if src == dst:
             continue  # loopback never crosses the node's iptables
-        verdict = api.call(socket, "policy.explain", {"from": src, "to": dst, "port": port, "protocol": proto})
+        verdict = api.call(socket, "policy.explain", {"from": ip_of(lab, src), "to": ip_of(lab, dst), "port": port,
+                                                      "protocol": proto})
         if bool(verdict["allowed"]) != allowed:
             mismatches.append(f"{src}->{dst} {proto}/{port}: explain={verdict['allowed']} datapath={allowed}")
     assert not mismatches, "\n".join(mismatches[:30])
@@ -296,12 +324,12 @@ def test_explain_agrees_with_matrix(lab, apply):
 
 def test_egress_ip_block_with_except(lab, apply):
     state = lab.state()
-    yc_ip = state.pods["y/c"].ips[0]  # y/c runs on node2: the except lies inside the CIDR
-    node2_cidr = state.node("node2").pod_cidr
+    yc_ip = ip_of(lab, "y/c")  # y/c runs on node2: the except lies inside the CIDR
+    node2_cidr = cidr_of(lab, "node2")
     apply(policy("egress-cidr", "x", {
         "podSelector": {"matchLabels": {"pod": "a"}},
         "policyTypes": ["Egress"],
-        "egress": [{"to": [{"ipBlock": {"cidr": node2_cidr, "except": [f"{yc_ip}/32"]}}]}],
+        "egress": [{"to": [{"ipBlock": {"cidr": node2_cidr, "except": [host_net(yc_ip)]}}]}],
     }))
     on_node2 = lambda k: state.pods[k].node == "node2" and k != "y/c"  # noqa: E731
     expect_matrix(lab, Reachability.all().set(pods_where("x", "a"), ANY, False)
@@ -310,12 +338,12 @@ def test_egress_ip_block_with_except(lab, apply):
 
 def test_ip_overlapping_cidr_and_except_is_allowed_by_another_peer(lab, apply):
     state = lab.state()
-    xb_ip = state.pods["x/b"].ips[0]
-    node2_cidr = state.node("node2").pod_cidr
+    xb_ip = ip_of(lab, "x/b")
+    node2_cidr = cidr_of(lab, "node2")
     apply(policy("overlap", "x", {
         "podSelector": {"matchLabels": {"pod": "a"}},
-        "ingress": [{"from": [{"ipBlock": {"cidr": node2_cidr, "except": [f"{xb_ip}/32"]}},
-                              {"ipBlock": {"cidr": f"{xb_ip}/32"}}]}],
+        "ingress": [{"from": [{"ipBlock": {"cidr": node2_cidr, "except": [host_net(xb_ip)]}},
+                              {"ipBlock": {"cidr": host_net(xb_ip)}}]}],
     }))
     on_node2 = lambda k: state.pods[k].node == "node2"  # noqa: E731
     expect_matrix(lab, Reachability.all().set(ANY, pods_where("x", "a"), False)
@@ -330,5 +358,19 @@ def test_sctp_only_policy_isolates_tcp_and_udp(lab, apply):
     }))
     expect_matrix(lab, Reachability.all().set(ANY, pods_where("x", "a"), False).allow_loopback())
     node1 = lab.state().node("node1")
-    rules = netns.ns_run(node1.netns, ["iptables-save", "-t", "filter"]).stdout
+    save = "iptables-save" if family(lab) == 4 else "ip6tables-save"
+    rules = netns.ns_run(node1.netns, [save, "-t", "filter"]).stdout
     assert "-p sctp" in rules and "--dport 80" in rules
+
+
+def test_ip_block_of_the_other_family_matches_nothing(lab, apply):
+    """A dual-stack pod's IPv4 ipBlock never admits its IPv6 flows, and the other way round."""
+    if len(lab.state().families) < 2:
+        pytest.skip("needs a dual-stack lab")
+    other = 4 if family(lab) == 6 else 6
+    apply(policy("other-family", "x", {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"ipBlock": {"cidr": cidr_of(lab, "node1", other)}},
+                              {"ipBlock": {"cidr": cidr_of(lab, "node2", other)}}]}],
+    }))
+    expect_matrix(lab, Reachability.all().set(ANY, pods_where("x", "a"), False).allow_loopback())
