@@ -2,7 +2,8 @@
 
 Each ToR peers with the uplink addresses of every node attached to it; each node gets one BGPPeer per ToR and
 IP family (a separate IPv6 session beside the IPv4 one in a dual-stack lab: `<node>-<tor>` for the first
-family, `<node>-<tor>-v6` for IPv6 next to IPv4).
+family, `<node>-<tor>-v6` for IPv6 next to IPv4), or with `--ipv6-over-ipv4` one IPv4 session per ToR carrying
+IPv6 unicast too (BGPPeer addressFamilies + ipv6NextHop; FRR and BIRD send their link's IPv6 next hop).
 ASNs follow the lab topology: AS per node (default), AS per rack (from the node's rack label), or iBGP with
 the ToR as route reflector.
 """
@@ -36,14 +37,25 @@ def _router(lab: Any, tor: TorState, state: LabState) -> Router:
     return router
 
 
+def _by_family(addresses: list[str], family: int) -> str:
+    return next((a for a in addresses if ipaddress.ip_address(a).version == family), "")
+
+
 def _neighbors(tor: TorState, state: LabState) -> list[Neighbor]:
-    return [
-        Neighbor(address=address, asn=node.asn)
-        for node in state.nodes
-        for up in node.uplinks
-        if up["tor"] == tor.name
-        for address in up.get("addresses") or [up["address"]]
-    ]
+    """The ToR's neighbours: every uplink address of its nodes, or (IPv6 over IPv4) the IPv4 one carrying IPv6
+    too, with the ToR's own IPv6 address on that link as the next hop it sends."""
+    out: list[Neighbor] = []
+    for node in state.nodes:
+        for up in node.uplinks:
+            if up["tor"] != tor.name:
+                continue
+            addresses = up.get("addresses") or [up["address"]]
+            if state.ipv6_over_ipv4:
+                out.append(Neighbor(address=_by_family(addresses, 4), asn=node.asn,
+                                    ipv6_next_hop=_by_family(up["tor_addresses"], 6)))
+            else:
+                out += [Neighbor(address=address, asn=node.asn) for address in addresses]
+    return out
 
 
 def peer_name(node: str, tor: str, index: int, address: str) -> str:
@@ -69,8 +81,13 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
     for node in state.nodes:
         for up in node.uplinks:
             tor = next(t for t in state.tors if t.name == up["tor"])
-            for index, address in enumerate(up.get("tor_addresses") or [up["tor_address"]]):
+            tor_addresses = up.get("tor_addresses") or [up["tor_address"]]
+            if state.ipv6_over_ipv4:  # one IPv4 session per ToR carrying both families
+                tor_addresses = [_by_family(tor_addresses, 4)]
+            for index, address in enumerate(tor_addresses):
                 peer_spec: dict[str, Any] = {"peerIP": address, "asNumber": tor.asn, "node": node.name}
+                if state.ipv6_over_ipv4:  # this link's own IPv6 address: the ToR reaches it directly
+                    peer_spec |= {"addressFamilies": ["IPv4", "IPv6"], "ipv6NextHop": _by_family(up["addresses"], 6)}
                 if state.bfd:
                     peer_spec["bfd"] = dict(BFD_TIMERS)
                 objects.append({

@@ -28,6 +28,9 @@ def add_lab_parser(sub: argparse._SubParsersAction) -> None:
                     help="kube: a real kube-apiserver holds every object; agents use deploy/'s RBAC")
     up.add_argument("--ip-family", choices=["ipv4", "ipv6", "dual"], default="ipv4",
                     help="how uplinks, ToRs and pods are addressed (dual: every pod gets an IPv4 and an IPv6 address)")
+    up.add_argument("--ipv6-over-ipv4", action="store_true",
+                    help="dual: carry IPv6 unicast over the IPv4 BGP sessions (explicit IPv6 next hops) instead of "
+                         "a session per family")
     up.add_argument("--runtime", choices=["process", "containerd"], default="process",
                     help="containerd: a real containerd per node runs the agent image and the pods (CRI sandboxes)")
     cmds.add_parser("down", help="remove the lab (and any leftovers of a crashed one)")
@@ -111,7 +114,8 @@ def run_lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_cmd == "up":
             lab.up(args.nodes, args.filename, tor=args.tor, tors=args.tors, topology_kind=args.topology,
-                   datastore=args.datastore, runtime=args.runtime, bfd=args.bfd, ip_family=args.ip_family)
+                   datastore=args.datastore, runtime=args.runtime, bfd=args.bfd, ip_family=args.ip_family,
+                   ipv6_over_ipv4=args.ipv6_over_ipv4)
             sys.stdout.write(render_status(lab.status()))
             sys.stdout.write("\nlab is up: `routed lab matrix` probes every pod pair; `routed lab down` removes it\n")
         elif args.lab_cmd == "down":

@@ -81,10 +81,13 @@ class Lab:
 
     def up(self, nodes: int = 2, files: list[str] | None = None, tor: str = "frr", tors: int = 1,
            topology_kind: str = "as-per-node", datastore: str = "manifest", runtime: str = "process",
-           bfd: bool = False, ip_family: str = "ipv4") -> LabState:
+           bfd: bool = False, ip_family: str = "ipv4", ipv6_over_ipv4: bool = False) -> LabState:
         self.down(quiet=True)
         if runtime not in ("process", "containerd"):
             raise LabError(f"runtime {runtime!r}: process or containerd")
+        if ipv6_over_ipv4 and (ip_family != "dual" or tor not in ("frr", "bird")):
+            raise LabError("--ipv6-over-ipv4 needs --ip-family dual and an FRR or BIRD ToR (the lab cannot make "
+                           "GoBGP send an IPv6 next hop over an IPv4 session)")
         if bfd and tor != "frr":
             raise LabError("--bfd needs FRR ToRs (--tor frr): the lab runs FRR's bfdd against the agents")
         images = cri.prepare() if runtime == "containerd" else {}
@@ -95,6 +98,7 @@ class Lab:
             raise LabError(str(exc)) from None
         state.runtime = runtime
         state.bfd = bfd
+        state.ipv6_over_ipv4 = ipv6_over_ipv4
         self.paths.root.mkdir(parents=True, exist_ok=True)
         state.save(self.paths)
         try:

@@ -40,6 +40,9 @@ class Neighbor:
     address: str
     asn: int
     password: str | None = None
+    # an IPv4 neighbour that also carries IPv6 unicast (MP-BGP over the IPv4 session): the router's own global
+    # IPv6 next hop on that link, which it sends with the IPv6 routes ("": IPv4 unicast only)
+    ipv6_next_hop: str = ""
 
 
 class RouterError(LabError):
@@ -237,8 +240,10 @@ class FrrRouter(Router):
             if self.bfd:
                 lines.append(f" neighbor {n.address} bfd profile {BFD_PROFILE}")
         shared = Counter(n.asn for n in self.neighbors)
+        route_maps: list[str] = []
         for fam in ("ipv4", "ipv6"):
-            members = [n for n in self.neighbors if _family(n.address) == (4 if fam == "ipv4" else 6)]
+            members = [n for n in self.neighbors if _family(n.address) == (4 if fam == "ipv4" else 6)
+                       or (fam == "ipv6" and n.ipv6_next_hop)]
             if not members:
                 continue
             lines.append(f" address-family {fam} unicast")
@@ -249,6 +254,11 @@ class FrrRouter(Router):
             for n in members:
                 if fam == "ipv6":
                     lines.append(f"  neighbor {n.address} activate")
+                    if n.ipv6_next_hop and _family(n.address) == 4:  # else FRR sends an IPv4-mapped next hop
+                        name = f"v6nh-{len(route_maps) + 1}"
+                        lines.append(f"  neighbor {n.address} route-map {name} out")
+                        route_maps += [f"route-map {name} permit 10", f" set ipv6 next-hop global {n.ipv6_next_hop}",
+                                       "!"]
                 if n.asn != self.asn and shared[n.asn] > 1:
                     # AS per rack: nodes sharing an AS would drop each other's routes (own AS in the path)
                     lines.append(f"  neighbor {n.address} as-override")
@@ -256,7 +266,7 @@ class FrrRouter(Router):
                     lines.append(f"  neighbor {n.address} route-reflector-client")
                     lines.append(f"  neighbor {n.address} next-hop-self force")
             lines.append(" exit-address-family")
-        lines += ["!", "line vty", "!"]
+        lines += ["!", *route_maps, "line vty", "!"]
         return "\n".join(lines) + "\n"
 
     def bfdd_config_text(self) -> str:
@@ -387,6 +397,9 @@ class BirdRouter(Router):
                 chan += " add paths off;"
             chan += " };"
             body.append(chan)
+            if n.ipv6_next_hop and fam == "ipv4":  # IPv6 unicast over this IPv4 session
+                body.append(f"  ipv6 {{ import all; export all; next hop address {n.ipv6_next_hop};"
+                            + (" add paths off;" if self.ecmp else "") + " };")
             lines.append(f"protocol bgp peer{i} {{\n" + "\n".join(body) + "\n}")
         return "\n".join(lines) + "\n"
 

@@ -119,6 +119,7 @@ class LabState:
     control_plane: dict[str, Any] = field(default_factory=dict)  # kube: {"netns", "address", "tor", ...}
     external: dict[str, Any] = field(default_factory=dict)  # the client outside the cluster: {"netns", "address", ...}
     ip_family: str = "ipv4"  # ipv4 | ipv6 | dual: how uplinks, ToRs and pods are addressed
+    ipv6_over_ipv4: bool = False  # dual: IPv6 unicast rides the IPv4 sessions (explicit next hops), no IPv6 session
     bfd: bool = False  # BFD between every node and its ToRs (FRR bfdd on the ToRs, the agent's BFD on the nodes)
     nodes: list[NodeState] = field(default_factory=list)
     tors: list[TorState] = field(default_factory=list)
@@ -154,6 +155,7 @@ class LabState:
             control_plane=data.get("control_plane", {}),
             external=data.get("external", {}),
             ip_family=data.get("ip_family", "ipv4"),
+            ipv6_over_ipv4=bool(data.get("ipv6_over_ipv4", False)),
             bfd=bool(data.get("bfd", False)),
             nodes=[NodeState(**n) for n in data.get("nodes", [])],
             tors=[TorState(**t) for t in data.get("tors", [])],

@@ -12,18 +12,11 @@ import pytest
 
 from routed import netns
 from routed.lab.lab import Lab
-from routed.lab.store import KubeStore
 from tests.helpers import run_and_expect
+from tests.kube.test_kube_lab import WEB_FROM_CLIENTS, store
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.kube, pytest.mark.topo]
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lab", "two-nodes.yaml")
-WEB_FROM_CLIENTS = {
-    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-    "metadata": {"name": "web-from-clients", "namespace": "demo"},
-    "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
-             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                          "ports": [{"protocol": "TCP", "port": 80}]}]},
-}
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +33,6 @@ def lab() -> Iterator[Lab]:
     yield lab
     lab.down(quiet=True)
     assert netns.list_ours("rtd-tkube6-") == []
-
-
-def store(lab: Lab) -> KubeStore:
-    s = lab.store()
-    assert isinstance(s, KubeStore)
-    return s
 
 
 def versions(ips: list[str]) -> list[int]:

@@ -4,6 +4,7 @@ pods' own addresses (no NAT, no encapsulation)."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -25,6 +26,24 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lab",
 
 def v6(ips: list[str]) -> str:
     return next(ip for ip in ips if ipaddress.ip_address(ip).version == 6)
+
+
+@contextlib.contextmanager
+def tor_capture(tor_ns: str, iface: str, bpf: str) -> Iterator[list[str]]:
+    """tcpdump on a ToR interface while the body runs; the list yielded holds its output afterwards."""
+    captured: list[str] = []
+    capture = subprocess.Popen(netns.ns_cmd(tor_ns, ["tcpdump", "-l", "-n", "--immediate-mode", "-i", iface, bpf]),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert capture.stderr is not None
+        ok, banner, _ = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line,
+                                       timeout=5)
+        assert ok and "listening on" in banner, f"tcpdump not capturing: {banner!r}"
+        yield captured
+    finally:
+        capture.terminate()
+        out, _ = capture.communicate(timeout=10)
+        captured.append(out)
 
 
 def expect_tor_routes(state: LabState, family: int) -> None:
@@ -93,22 +112,11 @@ def test_tor_link_carries_pod_ipv6_addresses(dual_lab: Lab) -> None:
     src, dst = state.pods["demo/client-1"], state.pods["demo/web-2"]
     src_ip, dst_ip = v6(src.ips), v6(dst.ips)
     uplink = state.node(src.node).uplinks[0]["tor_ifname"]
-    capture = subprocess.Popen(
-        netns.ns_cmd(state.tors[0].netns, ["tcpdump", "-l", "-n", "-c", "3", "-i", uplink,
-                                           f"ip6 and tcp and src host {src_ip} and dst host {dst_ip} and dst port 80"]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert capture.stderr is not None
-        ok, banner, _ = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line,
-                                       timeout=5)
-        assert ok and "listening on" in banner, f"tcpdump not capturing: {banner!r}"
+    with tor_capture(state.tors[0].netns, uplink,
+                     f"ip6 and tcp and src host {src_ip} and dst host {dst_ip} and dst port 80") as captured:
         run_and_expect(lambda: dual_lab.matrix(ports=[80], protocols=["tcp"], family=6),
                        lambda rows: rows and all(r["allowed"] for r in rows), timeout=10).check("IPv6 TCP 80")
-        out, _ = capture.communicate(timeout=10)
-    finally:
-        if capture.poll() is None:
-            capture.kill()
+    out = captured[0]
     # tcpdump's filter matched the plain IPv6 header: the pod addresses are the outer (only) header
     assert any(f"{src_ip}." in line and f"{dst_ip}.80" in line for line in out.splitlines()), out
     for node in state.nodes:
@@ -147,20 +155,9 @@ def packets_on_tor_link(lab: Lab, pod: str, src: str, dst: str) -> int:
     sends 20 of them from source address `src`."""
     state = lab.state()
     uplink = state.node(state.pods[pod].node).uplinks[0]["tor_ifname"]
-    capture = subprocess.Popen(
-        netns.ns_cmd(state.tors[0].netns, ["tcpdump", "-l", "-n", "-i", uplink,
-                                           f"ip6 and udp and src host {src} and dst host {dst}"]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert capture.stderr is not None
-        ok, banner, _ = run_and_expect(capture.stderr.readline, lambda line: "listening on" in line or not line,
-                                       timeout=5)
-        assert ok and "listening on" in banner, banner
+    with tor_capture(state.tors[0].netns, uplink, f"ip6 and udp and src host {src} and dst host {dst}") as captured:
         netns.ns_run(state.pods[pod].netns, [sys.executable, "-c", UDP_SEND, src, dst], check=True)
-    finally:
-        capture.terminate()
-        out, _ = capture.communicate(timeout=10)
+    out = captured[0]
     return sum(1 for line in out.splitlines() if f"{src}." in line)
 
 
@@ -207,3 +204,26 @@ def test_neighbour_discovery_under_deny_all(dual_lab: Lab) -> None:
     finally:
         dual_lab.delete(DENY_ALL)
     expect_matrix(dual_lab, 6)
+
+
+@pytest.mark.parametrize("tor", ["frr", "bird"])
+def test_ipv6_over_the_ipv4_session(tor: str) -> None:
+    """The other fabric design: one IPv4 session per node and ToR carries IPv6 unicast with explicit global IPv6
+    next hops both ways (the node's link address out, the ToR's link address in)."""
+    lab = Lab(f"tv6o4{tor[:2]}")
+    try:
+        lab.up(nodes=2, files=[EXAMPLE], tor=tor, ip_family="dual", ipv6_over_ipv4=True)
+        state = lab.state()
+        sessions = lab.status()["tors"][0]["sessions"]
+        assert sorted(s["peer"] for s in sessions) == sorted(n.address for n in state.nodes), sessions
+        expect_tor_routes(state, 6)
+        expect_tor_routes(state, 4)
+        for node in state.nodes:  # learned over the IPv4 session, installed via the ToR's IPv6 link address
+            tor_v6 = next(a for a in node.uplinks[0]["tor_addresses"] if ":" in a)
+            routes = {r["prefix"]: r["nexthops"] for r in kernel_routes(node.netns, 6, "202")}
+            others = {c for n in state.nodes if n is not node for c in n.cidrs() if ":" in c}
+            assert others and all(routes.get(c) == [tor_v6] for c in others), (node.name, routes)
+        expect_matrix(lab, 6)
+    finally:
+        lab.down()
+    assert netns.list_ours(f"rtd-{lab.name}-") == []
