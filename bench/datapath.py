@@ -43,9 +43,9 @@ def pods_manifest() -> str:
     for name, node in (("client", "node1"), ("server", "node2")):
         docs.append({"apiVersion": "v1", "kind": "Pod",
                      "metadata": {"name": name, "namespace": "bench", "labels": {"app": name}},
-                     "spec": {"nodeName": node, "containers": [{"name": "iperf", "ports": [
-                         {"containerPort": IPERF_PORT, "protocol": "TCP", "name": "iperf"},
-                         {"containerPort": IPERF_PORT, "protocol": "UDP", "name": "iperf-udp"}]}]}})
+                     # no containerPorts: the lab's pod server would take iperf3's port (the policy names the
+                     # port by number)
+                     "spec": {"nodeName": node, "containers": [{"name": "iperf"}]}})
     return yaml.safe_dump_all(docs)
 
 

@@ -7,6 +7,10 @@ inside those namespaces. Prints a table and ratios against a baseline measured i
     .venv/bin/python bench/policy_scale.py                 # 10,000 pods, 1,000 policies, 100 endpoints
     .venv/bin/python bench/policy_scale.py --quick         # 1,000 pods, 100 policies, 20 endpoints
     .venv/bin/python bench/policy_scale.py --pods 100000 --policies 2000 --endpoints 100 --json
+    .venv/bin/python bench/policy_scale.py --dual-stack --writers restore/legacy@4,restore/legacy
+
+A writer spec `writer/backend` programs both families' tables (the agent's default); `writer/backend@4` only
+the IPv4 one (the baseline of the ratios when present). --dual-stack gives every pod an IPv6 address too.
 
 Figures per writer: cold (engine load + full apply), no-op apply, full resync (read-back, the periodic drift
 repair), label change (p50/p99 of 50 remote pods joining/leaving a programmed set), policy add, endpoint ADD
@@ -16,6 +20,7 @@ repair), label change (p50/p99 of 50 remote pods joining/leaving a programmed se
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import pickle
@@ -40,7 +45,7 @@ PYTHON = str(REPO / ".venv" / "bin" / "python")
 CONFIGS = [("restore", "legacy"), ("restore", "nft"), ("iptc", "legacy")]
 
 
-def build_inputs(n_pods: int, n_policies: int, n_endpoints: int, seed: int = 1) -> PolicyInputs:
+def build_inputs(n_pods: int, n_policies: int, n_endpoints: int, seed: int = 1, dual_stack: bool = False) -> PolicyInputs:
     rnd = random.Random(seed)
     n_ns = max(2, n_pods // 200)
     namespaces = [Namespace(f"ns{i}", {"team": f"t{i % 10}", "env": rnd.choice(["prod", "dev"])}) for i in range(n_ns)]
@@ -49,11 +54,12 @@ def build_inputs(n_pods: int, n_policies: int, n_endpoints: int, seed: int = 1) 
     for i in range(n_pods):
         ns = f"ns{i % n_ns}"
         ip = f"10.{64 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+        ips = (ip, str(ipaddress.IPv6Address(0xFD00_0064 << 96 | i))) if dual_stack else (ip,)
         labels = {"app": f"app{i % 100}", "tier": rnd.choice(["fe", "be", "db"]), "ver": f"v{i % 3}"}
         ports = (ContainerPort(8080, "TCP", "http"), ContainerPort(9000 + i % 10, "TCP", "metrics"))
-        pods.append(Pod(ns, f"pod{i}", labels, "node" if i < n_endpoints else "other", (ip,), ports))
+        pods.append(Pod(ns, f"pod{i}", labels, "node" if i < n_endpoints else "other", ips, ports))
         if i < n_endpoints:
-            endpoints.append(Endpoint(f"c{i}", "eth0", "", f"rtd{i:011x}", (ip,), ns, f"pod{i}"))
+            endpoints.append(Endpoint(f"c{i}", "eth0", "", f"rtd{i:011x}", ips, ns, f"pod{i}"))
     policies = []
     for j in range(n_policies):
         ns = f"ns{j % n_ns}"
@@ -152,7 +158,8 @@ def churn(ctl, inputs: PolicyInputs, rate: int, seconds: float, seed: int = 9) -
 
 
 # -- worker: runs inside the node namespace ------------------------------------------------------------
-def worker(writer: str, backend: str, inputs_file: str, churn_rate: int, churn_seconds: float) -> None:
+def worker(writer: str, backend: str, inputs_file: str, churn_rate: int, churn_seconds: float,
+           families: list[int]) -> None:
     from policy.controller import PolicyController
     from routed.config import PolicyOptions
 
@@ -160,7 +167,8 @@ def worker(writer: str, backend: str, inputs_file: str, churn_rate: int, churn_s
         inputs, spare = pickle.load(f)
     out: dict[str, object] = {"writer": writer}
     t0 = time.perf_counter()
-    ctl = PolicyController(PolicyOptions(iptables_writer=writer, iptables_backend=backend), "bench")
+    ctl = PolicyController(PolicyOptions(iptables_writer=writer, iptables_backend=backend,
+                                         ip_families=families), "bench")  # type: ignore[arg-type]
     _ = ctl.writer  # python-iptables is imported lazily: count its import in init, not in cold
     out["init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -257,11 +265,13 @@ def main() -> None:
     ap.add_argument("--churn", type=int, default=1000, help="sustained pod updates per second (0: skip)")
     ap.add_argument("--churn-seconds", type=float, default=30.0)
     ap.add_argument("--json", action="store_true", help="print one JSON object: writer -> figures")
-    ap.add_argument("--worker", nargs=5, metavar=("WRITER", "BACKEND", "FILE", "RATE", "SECONDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--dual-stack", action="store_true", help="every pod has an IPv4 and an IPv6 address")
+    ap.add_argument("--worker", nargs=6, metavar=("WRITER", "BACKEND", "FILE", "RATE", "SECONDS", "FAMILIES"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        writer, backend, path, rate, seconds = args.worker
-        worker(writer, backend, path, int(rate), float(seconds))
+        writer, backend, path, rate, seconds, families = args.worker
+        worker(writer, backend, path, int(rate), float(seconds), [int(f) for f in families.split(",")])
         return
     if args.quick:
         args.pods, args.policies, args.endpoints = 1000, 100, 20
@@ -269,7 +279,7 @@ def main() -> None:
         sys.exit("needs root (creates rtd-polb-* namespaces)")
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     netns.delete_all(PREFIX)
-    inputs = build_inputs(args.pods, args.policies, args.endpoints)
+    inputs = build_inputs(args.pods, args.policies, args.endpoints, dual_stack=args.dual_stack)
     t0 = time.perf_counter()
     calc = calculate(inputs)
     t_calc = time.perf_counter() - t0
@@ -290,12 +300,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     try:
         for spec in args.writers.split(","):
-            writer, backend = spec.split("/")
-            tag = f"{writer[0]}{backend[0]}"
+            writer_backend, _, only = spec.partition("@")  # "restore/legacy@4": the IPv4 table only
+            writer, backend = writer_backend.split("/")
+            families = only or "4,6"
+            tag = f"{writer[0]}{backend[0]}{families.replace(',', '')}"
             node, _sink = make_node(tag, args.endpoints)
             try:
                 proc = netns.ns_run(node, [PYTHON, str(REPO / "bench" / "policy_scale.py"), "--worker", writer, backend,
-                                           path, str(args.churn), str(args.churn_seconds)], timeout=3600)
+                                           path, str(args.churn), str(args.churn_seconds), families], timeout=3600)
                 results[spec] = json.loads(proc.stdout.strip().splitlines()[-1])
             finally:
                 netns.delete_all(f"{PREFIX}-{tag}-")
@@ -322,7 +334,7 @@ def main() -> None:
             print(f"  {spec:16} churn {c['rate']}/s for {c['seconds']:.0f} s: {c['events']} events in {c['applies']} "
                   f"applies, event->kernel p50 {c['p50_s'] * 1000:.1f} ms p99 {c['p99_s'] * 1000:.1f} ms, "
                   f"{'keeps up' if c['keeps_up'] else 'FALLS BEHIND'}")
-    base_name = "restore/legacy" if "restore/legacy" in results else next(iter(results))
+    base_name = next((n for n in ("restore/legacy@4", "restore/legacy") if n in results), next(iter(results)))
     base = results[base_name]
     print(f"\nratios against {base_name} (same run):")
     for spec, r in results.items():

@@ -6,10 +6,25 @@ Pure data, no I/O. Built from Kubernetes-shaped dicts (manifest files or the API
 from __future__ import annotations
 
 import functools
+import ipaddress
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger(__name__)
 Labels = dict[str, str]
+
+
+def _valid_ips(ips: list[str], pod: str) -> list[str]:
+    """The pod's addresses that are IP addresses, in canonical form (an invalid status.podIPs entry is left
+    out with a warning, so it can never break the policy dataplane of every other pod)."""
+    out = []
+    for ip in ips:
+        try:
+            out.append(str(ipaddress.ip_address(str(ip).strip())))
+        except ValueError:
+            log.warning("pod %s: status.podIPs entry %r is not an IP address; ignored", pod, ip)
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,7 @@ class Pod:
         ips = [i.get("ip", "") for i in status.get("podIPs") or [] if i.get("ip")]
         if not ips and status.get("podIP"):
             ips = [status["podIP"]]
+        ips = _valid_ips(ips, f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}")
         return cls(
             namespace=meta.get("namespace") or "default",
             name=meta.get("name", ""),

@@ -8,9 +8,8 @@ restore writes both families' lines.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,9 +32,10 @@ class ActualSet:
     family: int = 4
 
 
-@functools.lru_cache(maxsize=65536)
 def _canonical_v6(addr: str) -> str:
-    return ipaddress.IPv6Address(addr).compressed
+    """The libc text form, which is what `ipset save` prints (C: ~20x faster than ipaddress, no cache needed
+    for 100,000s of members)."""
+    return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, addr))
 
 
 def _canonical(addr: str) -> str:

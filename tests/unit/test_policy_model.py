@@ -68,3 +68,11 @@ def test_invalid_pod_selector_fails_closed_for_whole_namespace():
 def test_garbage_does_not_raise():
     for obj in (None, {}, {"spec": 3}, {"metadata": {"name": "x"}, "spec": {"ingress": "all"}}):
         assert not parse_policy(obj).valid
+
+
+def test_invalid_pod_ips_are_dropped_not_fatal() -> None:
+    from routed.model import Pod
+
+    pod = Pod.from_k8s({"metadata": {"name": "p", "namespace": "n"},
+                        "status": {"podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00:64::177ef"}, {"ip": "FD00::0001"}]}})
+    assert pod.ips == ("10.0.0.1", "fd00::1")  # the invalid one left out, IPv6 in canonical form
