@@ -1,9 +1,9 @@
 """BFD over UDP (RFC 5881, single hop): the sockets and timers around the pure sessions of routed/bgp/bfd.py.
 
-One receive socket on UDP 3784 (opened only while some peer has BFD enabled) delivers every control packet;
-a packet whose IP TTL is not 255 is dropped (§5 of RFC 5881: the peer is one hop away). Each session sends
-from its own socket: a source port in 49152-65535 kept for the session's life, TTL 255, connected to the
-peer's port 3784. Packets are matched to sessions by Your Discriminator, or by source address while the
+One receive socket per IP family on UDP 3784 (opened only while some peer of that family has BFD enabled)
+delivers every control packet; a packet whose IPv4 TTL or IPv6 hop limit is not 255 is dropped (§5 of RFC
+5881: the peer is one hop away). Each session sends from its own socket of the peer's family: a source port
+in 49152-65535 kept for the session's life, TTL/hop limit 255, CS6, connected to the peer's port 3784. Packets are matched to sessions by Your Discriminator, or by source address while the
 peer does not know ours yet (RFC 5880 §6.8.6). One task (`bfd`) sends the periodic packets and applies the
 detection timeouts; it sleeps until the earliest of them and is woken when a packet needs an answer.
 `on_change(peer, old_state, new_state, diag)` reports every state transition.
@@ -34,6 +34,7 @@ SINGLE_HOP_TTL = 255
 # Linux <netinet/in.h>: ask for the received TTL as ancillary data (the socket module lacks IP_RECVTTL)
 IP_RECVTTL = 12
 IP_TTL_CMSG = socket.IP_TTL
+IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT = 51, 52  # Linux <netinet/in.h> (RFC 3542)
 TOS_NETWORK_CONTROL = 0xC0  # DSCP CS6, as routing protocols use
 
 ChangeCallback = Callable[[str, int, int, int], None]
@@ -63,13 +64,30 @@ class _Endpoint:
     downs: int = 0
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _local_for(family: socket.AddressFamily, bind_address: str) -> str:
+    """The configured bind address if it is of this family, else the family's wildcard."""
+    if _family(bind_address) == family:
+        return bind_address
+    return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
 def _open_sender(peer: str, port: int, rng: random.Random, local: str) -> tuple[socket.socket, int]:
+    family = _family(peer)
+    local = _local_for(family, local)
     for _ in range(64):
         source = rng.randint(*SOURCE_PORTS)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, SINGLE_HOP_TTL)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, TOS_NETWORK_CONTROL)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, SINGLE_HOP_TTL)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, TOS_NETWORK_CONTROL)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, SINGLE_HOP_TTL)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, TOS_NETWORK_CONTROL)
             sock.bind((local, source))
             sock.connect((peer, port))
             sock.setblocking(False)
@@ -83,7 +101,8 @@ def _open_sender(peer: str, port: int, rng: random.Random, local: str) -> tuple[
 
 def received_ttl(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_TTL_CMSG and len(data) >= 4:
+        if ((level == socket.IPPROTO_IP and kind == IP_TTL_CMSG) or (level == socket.IPPROTO_IPV6 and kind == IPV6_HOPLIMIT)) \
+                and len(data) >= 4:
             return int(struct.unpack("=i", data[:4])[0])
     return None
 
@@ -99,7 +118,7 @@ class BfdService:
         self.counters = {"packets_in": 0, "packets_out": 0, "dropped_ttl": 0, "dropped_invalid": 0,
                          "dropped_no_session": 0}
         self.last_error = ""
-        self._rx: socket.socket | None = None
+        self._rx: dict[socket.AddressFamily, socket.socket] = {}  # one receive socket per family in use
         self._wake = asyncio.Event()
         self._rng = random.Random()
         self._task_started = False
@@ -112,8 +131,11 @@ class BfdService:
         for address in list(self.endpoints):
             if address not in wanted:
                 self._remove(address)
-        if wanted and self._rx is None:
-            self._open_receiver()
+        families = {_family(a) for a in wanted}
+        for family in families - set(self._rx):
+            self._open_receiver(family)
+        for family in set(self._rx) - families:
+            self._close_receiver(family)
         now = time.monotonic()
         for address, peer in wanted.items():
             ep = self.endpoints.get(address)
@@ -122,8 +144,6 @@ class BfdService:
             elif ep.peer != peer:
                 ep.peer = peer
                 ep.session.configure(peer.min_tx_ms * 1000, peer.min_rx_ms * 1000, peer.multiplier, now)
-        if not wanted:
-            self._close_receiver()
         self._wake.set()
 
     def _add(self, peer: BfdPeer, now: float) -> None:
@@ -149,25 +169,32 @@ class BfdService:
         ep.sock.close()
         log.info("BFD session to %s removed", address)
 
-    def _open_receiver(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def _open_receiver(self, family: socket.AddressFamily) -> None:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
-            sock.bind((self.bind_address, self.port))
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+            sock.bind((_local_for(family, self.bind_address), self.port))
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._rx = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+        self._rx[family] = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable, sock)
 
-    def _close_receiver(self) -> None:
-        if self._rx is not None:
+    def _close_receiver(self, family: socket.AddressFamily | None = None) -> None:
+        """Close one family's receive socket (None: all of them)."""
+        for fam in [family] if family is not None else list(self._rx):
+            sock = self._rx.pop(fam, None)
+            if sock is None:
+                continue
             with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_reader(self._rx.fileno())
-            self._rx.close()
-            self._rx = None
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     async def stop(self) -> None:
         for address in list(self.endpoints):
@@ -178,11 +205,10 @@ class BfdService:
             self._task_started = False
 
     # -- packets ----------------------------------------------------------------------------------
-    def _on_readable(self) -> None:
-        assert self._rx is not None
+    def _on_readable(self, sock: socket.socket) -> None:
         while True:
             try:
-                data, ancdata, _flags, addr = self._rx.recvmsg(512, socket.CMSG_SPACE(4))
+                data, ancdata, _flags, addr = sock.recvmsg(512, socket.CMSG_SPACE(4))
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

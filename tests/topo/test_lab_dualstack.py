@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from routed import api, netns
+from routed.lab.bgp_setup import tor_router
 from routed.lab.lab import Lab
 from routed.lab.routers import kernel_routes
 from routed.lab.state import LabState
@@ -227,3 +228,30 @@ def test_ipv6_over_the_ipv4_session(tor: str) -> None:
     finally:
         lab.down()
     assert netns.list_ours(f"rtd-{lab.name}-") == []
+
+
+def test_bfd_on_both_families() -> None:
+    """BFD (RFC 5881: IPv4 TTL / IPv6 hop limit 255) on the IPv4 and the IPv6 session of every node, against
+    FRR's bfdd; the discriminators each side learned are the other's."""
+    lab = Lab("tv6bfd")
+    try:
+        lab.up(nodes=2, tor="frr", ip_family="dual", bfd=True)
+        state = lab.state()
+        tor = tor_router(lab, state, "tor1")
+        want = {a for n in state.nodes for a in n.uplinks[0]["addresses"]}
+
+        def frr_up() -> dict[str, str]:
+            return {p["peer"]: p.get("status", "") for p in tor.bfd_peers()}
+
+        run_and_expect(frr_up, dict.fromkeys(want, "up"), timeout=30).check("FRR: BFD up on both families")
+        for node in state.nodes:
+            sessions = {b["peer"]: b for b in api.call(lab.paths.node_socket(node.name), "bgp.status")["bfd"]}
+            theirs = {p["peer"]: p for p in tor.bfd_peers()}
+            for mine_addr, their_addr in zip(node.uplinks[0]["tor_addresses"], node.uplinks[0]["addresses"],
+                                             strict=True):
+                mine = sessions[mine_addr]
+                assert mine["state"] == "up", mine
+                assert mine["remoteDiscriminator"] == theirs[their_addr]["id"]
+    finally:
+        lab.down()
+    assert netns.list_ours("rtd-tv6bfd-") == []
