@@ -37,10 +37,6 @@ def _router(lab: Any, tor: TorState, state: LabState) -> Router:
     return router
 
 
-def _by_family(addresses: list[str], family: int) -> str:
-    return next((a for a in addresses if ipaddress.ip_address(a).version == family), "")
-
-
 def _neighbors(tor: TorState, state: LabState) -> list[Neighbor]:
     """The ToR's neighbours: every uplink address of its nodes, or (IPv6 over IPv4) the IPv4 one carrying IPv6
     too, with the ToR's own IPv6 address on that link as the next hop it sends."""
@@ -49,10 +45,10 @@ def _neighbors(tor: TorState, state: LabState) -> list[Neighbor]:
         for up in node.uplinks:
             if up["tor"] != tor.name:
                 continue
-            addresses = up.get("addresses") or [up["address"]]
+            addresses = topology.link_side_addresses(up)
             if state.ipv6_over_ipv4:
-                out.append(Neighbor(address=_by_family(addresses, 4), asn=node.asn,
-                                    ipv6_next_hop=_by_family(up["tor_addresses"], 6)))
+                out.append(Neighbor(address=topology.of_family(addresses, 4)[0], asn=node.asn,
+                                    ipv6_next_hop=topology.of_family(topology.link_side_addresses(up, tor=True), 6)[0]))
             else:
                 out += [Neighbor(address=address, asn=node.asn) for address in addresses]
     return out
@@ -81,13 +77,13 @@ def bgp_objects(state: LabState) -> list[dict[str, Any]]:
     for node in state.nodes:
         for up in node.uplinks:
             tor = next(t for t in state.tors if t.name == up["tor"])
-            tor_addresses = up.get("tor_addresses") or [up["tor_address"]]
+            tor_addresses = topology.link_side_addresses(up, tor=True)
             if state.ipv6_over_ipv4:  # one IPv4 session per ToR carrying both families
-                tor_addresses = [_by_family(tor_addresses, 4)]
+                tor_addresses = topology.of_family(tor_addresses, 4)
             for index, address in enumerate(tor_addresses):
                 peer_spec: dict[str, Any] = {"peerIP": address, "asNumber": tor.asn, "node": node.name}
                 if state.ipv6_over_ipv4:  # this link's own IPv6 address: the ToR reaches it directly
-                    peer_spec |= {"addressFamilies": ["IPv4", "IPv6"], "ipv6NextHop": _by_family(up["addresses"], 6)}
+                    peer_spec |= {"addressFamilies": ["IPv4", "IPv6"], "ipv6NextHop": topology.of_family(topology.link_side_addresses(up), 6)[0]}
                 if state.bfd:
                     peer_spec["bfd"] = dict(BFD_TIMERS)
                 objects.append({
@@ -109,8 +105,7 @@ def start_routers(lab: Any, state: LabState) -> None:
 
 def router_sessions(lab: Any, state: LabState, tor: TorState) -> list[dict[str, Any]]:
     sessions = _router(lab, tor, state).sessions()
-    by_address = {a: node.name for node in state.nodes for up in node.uplinks
-                  for a in up.get("addresses") or [up["address"]]}
+    by_address = {a: node.name for node in state.nodes for up in node.uplinks for a in topology.link_side_addresses(up)}
     return [{**s, "node": by_address.get(s["peer"], ""), "prefixes": s.get("received", "")} for s in sessions]
 
 

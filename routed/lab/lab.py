@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ def poll(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
 
 def node_addresses(node: Any) -> list[str]:
     """The node's InternalIPs: every uplink address, the first family's before the second's."""
-    per_uplink = [list(up.get("addresses") or [up["address"]]) for up in node.uplinks]
+    per_uplink = [topology.link_side_addresses(up) for up in node.uplinks]
     width = max((len(a) for a in per_uplink), default=0)
     return [a[f] for f in range(width) for a in per_uplink if f < len(a)]
 
@@ -424,7 +423,7 @@ class Lab:
                     continue
                 if wanted_protocols and port["protocol"] not in wanted_protocols:
                     continue
-                for ip in [a for a in pod.ips if ipaddress.ip_address(a).version == family][:1]:
+                for ip in topology.of_family(pod.ips, family)[:1]:
                     targets.append({"to": pod.key, "ip": ip, "port": port["port"], "protocol": port["protocol"]})
 
         def probe_from(src: PodState) -> list[dict[str, Any]]:
@@ -433,11 +432,11 @@ class Lab:
                                   input=request, capture_output=True, text=True, timeout=timeout * 4 + 30)
             if proc.returncode != 0:
                 raise LabError(f"probe from {src.key} failed: {proc.stderr.strip()}")
-            own = [a for a in src.ips if ipaddress.ip_address(a).version == family]
+            own = topology.of_family(src.ips, family)
             return [{"from": src.key, "from_ip": own[0] if own else "", **r}
                     for r in json.loads(proc.stdout)["results"]]
 
-        sources = [p for p in state.pods.values() if any(ipaddress.ip_address(a).version == family for a in p.ips)]
+        sources = [p for p in state.pods.values() if topology.of_family(p.ips, family)]
         if not sources or not targets:
             return []
         with ThreadPoolExecutor(max_workers=min(32, len(sources))) as pool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from routed import netns
@@ -48,10 +49,23 @@ def pod_cidr(family: int, i: int) -> str:
 EXTERNAL_LINK = 250  # a host outside the cluster behind ToR 1 (reaches Service VIPs the nodes announce)
 
 
-def _host_link(families: tuple[int, ...], ifname: str, tor_ifname: str, link: int) -> dict[str, Any]:
-    pairs = [link_addresses(f, 0, link) for f in families]
+def _link(families: tuple[int, ...], ifname: str, tor_ifname: str, link: int, k: int = 0) -> dict[str, Any]:
+    """Link `link` on ToR k: its interfaces and addresses per family (the first family's also as address and
+    tor_address)."""
+    pairs = [link_addresses(f, k, link) for f in families]
     return {"ifname": ifname, "tor_ifname": tor_ifname, "address": pairs[0][0], "tor_address": pairs[0][1],
             "addresses": [p[0] for p in pairs], "tor_addresses": [p[1] for p in pairs]}
+
+
+def link_side_addresses(link: dict[str, Any], tor: bool = False) -> list[str]:
+    """Every address of one side of a link (the host's, or the ToR's); older states have only `address`."""
+    side = "tor_" if tor else ""
+    return list(link.get(f"{side}addresses") or [link[f"{side}address"]])
+
+
+def of_family(addresses: Iterable[str], family: int) -> list[str]:
+    """The addresses of one IP version, in order."""
+    return [a for a in addresses if ipaddress.ip_address(a).version == family]
 
 
 def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor_kind: str = "static",
@@ -68,7 +82,7 @@ def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor
     state = LabState(lab=lab, tor_kind=tor_kind, topology=topology, datastore=datastore, ip_family=ip_family)
     if datastore == "kube":  # the API server lives in its own namespace behind ToR 1, like a control-plane host
         state.control_plane = {**CONTROL_PLANE, "netns": f"rtd-{lab}-ctl", "tor": "tor1"}
-    state.external = {**_host_link(families, "eth0", "ext", EXTERNAL_LINK), "netns": f"rtd-{lab}-ext",
+    state.external = {**_link(families, "eth0", "ext", EXTERNAL_LINK), "netns": f"rtd-{lab}-ext",
                       "tor": "tor1"}
     for k in range(tors):
         state.tors.append(
@@ -83,12 +97,7 @@ def plan(lab: str, nodes: int, tors: int = 1, topology: str = "as-per-node", tor
             asn = TOR_ASN
         else:
             asn = NODE_ASN_BASE + i
-        uplinks: list[dict[str, Any]] = []
-        for k, tor in enumerate(state.tors):
-            pairs = [link_addresses(f, k, i) for f in families]
-            uplinks.append({"ifname": f"eth{k}", "tor": tor.name, "tor_ifname": f"n{i}",
-                            "address": pairs[0][0], "tor_address": pairs[0][1],
-                            "addresses": [p[0] for p in pairs], "tor_addresses": [p[1] for p in pairs]})
+        uplinks = [{**_link(families, f"eth{k}", f"n{i}", i, k), "tor": tor.name} for k, tor in enumerate(state.tors)]
         cidrs = [pod_cidr(f, i) for f in families]
         state.nodes.append(
             NodeState(
@@ -109,11 +118,6 @@ def _prefixlen(address: str) -> int:
     return V4_LINK if ipaddress.ip_address(address).version == 4 else V6_LINK
 
 
-def _addresses(link: dict[str, Any], side: str) -> list[str]:
-    """Every address of one side ("" host, "tor_" ToR) of a link; older states have only `address`."""
-    return list(link.get(f"{side}addresses") or [link[f"{side}address"]])
-
-
 def _add_address(ns: str, address: str, dev: str) -> None:
     extra = ["nodad"] if ipaddress.ip_address(address).version == 6 else []  # usable at once
     netns.run(["ip", "-n", ns, "addr", "add", f"{address}/{_prefixlen(address)}", "dev", dev, *extra])
@@ -122,8 +126,7 @@ def _add_address(ns: str, address: str, dev: str) -> None:
 def _default_routes(ns: str, links: list[dict[str, Any]]) -> None:
     """One default route per family via the ToR side of every link (ECMP over several)."""
     for version in (4, 6):
-        hops = [(a, link["ifname"]) for link in links for a in _addresses(link, "tor_")
-                if ipaddress.ip_address(a).version == version]
+        hops = [(a, link["ifname"]) for link in links for a in of_family(link_side_addresses(link, tor=True), version)]
         if not hops:
             continue
         if len(hops) == 1:
@@ -162,9 +165,9 @@ def build(state: LabState) -> None:
         for up in node.uplinks:
             tor = next(t for t in state.tors if t.name == up["tor"])
             netns.veth(node.netns, up["ifname"], tor.netns, up["tor_ifname"])
-            for address in _addresses(up, ""):
+            for address in link_side_addresses(up):
                 _add_address(node.netns, address, up["ifname"])
-            for address in _addresses(up, "tor_"):
+            for address in link_side_addresses(up, tor=True):
                 _add_address(tor.netns, address, up["tor_ifname"])
         _default_routes(node.netns, node.uplinks)
     for host in (state.control_plane, state.external):
@@ -173,9 +176,9 @@ def build(state: LabState) -> None:
         tor = next(t for t in state.tors if t.name == host["tor"])
         netns.create(host["netns"])
         netns.veth(host["netns"], host["ifname"], tor.netns, host["tor_ifname"])
-        for address in _addresses(host, ""):
+        for address in link_side_addresses(host):
             _add_address(host["netns"], address, host["ifname"])
-        for address in _addresses(host, "tor_"):
+        for address in link_side_addresses(host, tor=True):
             _add_address(tor.netns, address, host["tor_ifname"])
         _default_routes(host["netns"], [host])
     if state.tor_kind == "static":
@@ -190,7 +193,7 @@ def install_static_routes(state: LabState) -> None:
                     continue
                 for cidr in node.cidrs():
                     version = ipaddress.ip_network(cidr).version
-                    via = next(a for a in _addresses(up, "") if ipaddress.ip_address(a).version == version)
+                    via = of_family(link_side_addresses(up), version)[0]
                     netns.run(["ip", "-n", tor.netns, "route", "replace", cidr, "via", via])
 
 
