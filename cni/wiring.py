@@ -103,6 +103,11 @@ def _link_index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
+def _has_ipv6(ips: Iterable[str]) -> bool:
+    """Whether the pod has an IPv6 address (then its host veth carries the gateway fe80::1)."""
+    return any(ipaddress.ip_address(ip).version == 6 for ip in ips)
+
+
 def _host_len(ip: str) -> int:
     return ipaddress.ip_address(ip).max_prefixlen
 
@@ -209,18 +214,19 @@ def host_side_drift(host_name: str) -> list[str]:
 
 def repair_host_side(endpoints: Iterable[tuple[str, Sequence[str]]]) -> list[str]:
     """Restore what ADD set up on the host side of each (host veth, pod IPs) whose veth still exists: the
-    per-pod routes (protocol ROUTE_PROTO_LOCAL) and the veth's sysctls. Reads first, writes only what
-    differs; returns what it restored (empty when the kernel already matched)."""
+    per-pod routes (protocol ROUTE_PROTO_LOCAL), the veth's sysctls and, for IPv6 pods, its fe80::1. Reads
+    first, writes only what differs; returns what it restored (empty when the kernel already matched)."""
+    wanted = list(endpoints)
     veths = host_veths()
     have = set(local_pod_routes())
-    gateways_v6 = host_gateways_v6()
+    gateways_v6 = host_gateways_v6() if any(_has_ipv6(ips) for _, ips in wanted) else set()  # no dump for IPv4 only
     repaired: list[str] = []
     host = thread_rtnl()
-    for host_name, ips in endpoints:
+    for host_name, ips in wanted:
         index = veths.get(host_name)
         if index is None:
             continue  # the veth itself is gone (the pod's netns went): a DEL or GC cleans up
-        if index not in gateways_v6 and any(":" in ip for ip in ips):
+        if index not in gateways_v6 and _has_ipv6(ips):
             add_gateway_v6(host, index)
             repaired.append(f"address {POD_GATEWAY_V6}/{GATEWAY_V6_PREFIXLEN} dev {host_name}")
         for ip in ips:
@@ -282,7 +288,7 @@ def add_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[str
             raise WiringError(f"host veth {host_name} vanished right after creation")
         host_idx, host_mac = host_link
         configure_host_side(host, host_idx)
-        if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
+        if _has_ipv6(ips):
             host.add_addr(host_idx, POD_GATEWAY_V6, GATEWAY_V6_PREFIXLEN, nodad=True)
         with Rtnl(netlink_socket_in(nsfd)) as pod:
             pod_link = pod.get_link(ifname)
@@ -360,7 +366,7 @@ def check_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[s
             proxy = "?"
         if proxy != "1":
             raise CheckError(f"proxy_arp is {proxy} on {host_name}, want 1")
-        if any(ipaddress.ip_address(ip).version == 6 for ip in ips) and not any(
+        if _has_ipv6(ips) and not any(
             a.get_attr("IFA_ADDRESS") == POD_GATEWAY_V6 for a in host.get_addr(family=10, index=host_idx) or []
         ):
             raise CheckError(f"host veth {host_name} lacks the pods' IPv6 gateway {POD_GATEWAY_V6}")
@@ -387,7 +393,7 @@ def check_endpoint(host_name: str, netns_path: str, ifname: str, ips: Sequence[s
                     for r in routes
                 ):
                     raise CheckError(f"no default route via {POD_GATEWAY_V4} on {ifname}")
-            if any(ipaddress.ip_address(ip).version == 6 for ip in ips) and not any(
+            if _has_ipv6(ips) and not any(
                 r["dst_len"] == 0 and r.get("gateway") == POD_GATEWAY_V6 and r.get("oif") == pod_idx
                 for r in pod.get_routes(family=10) or []
             ):

@@ -34,7 +34,7 @@ from typing import Any
 
 from policy import names
 from policy.calc import Calculation, IpSetSpec, PolicyInputs, member_family, problems_of, unknown_pod_warning
-from policy.dataplane.ipsets import IpsetDataplane, normalise
+from policy.dataplane.ipsets import IpsetDataplane, kernel_members, normalise
 from policy.dataplane.iptables import (
     FAMILY_TOOLS,
     Op,
@@ -148,7 +148,7 @@ def family_sets(calc: Calculation, families: tuple[int, ...]) -> dict[str, IpSet
 
 def kernel_sets(desired: Mapping[str, IpSetSpec], family: int) -> KernelSets:
     """What writing `desired` leaves in the kernel for `family` (members as `ipset save` shows them)."""
-    return {name: (spec.kind, {normalise(spec.kind, m) for m in spec.members})
+    return {name: (spec.kind, kernel_members(spec))
             for name, spec in desired.items() if spec.family == family}
 
 
@@ -298,7 +298,7 @@ class PolicyController:
             if have is not None and have[0] != spec.kind:
                 return False
             if have is None:
-                members = {normalise(spec.kind, m) for m in spec.for_family(family).members}
+                members = kernel_members(spec.for_family(family))
                 plan.ipset_before += [self.ipsets.create_line(kname, spec.kind, family)] + [
                     f"add {kname} {m}" for m in sorted(members)]
                 fplan.new_sets[kname] = spec.kind
@@ -424,7 +424,7 @@ def _member_delta(spec: IpSetSpec, family: int, current: set[str],
                   delta: tuple[set[str], set[str]] | None) -> tuple[set[str], set[str]]:
     """(added, removed) kernel members of `family`'s set: from the engine's delta, or (None) in full."""
     if delta is None:
-        want = {normalise(spec.kind, m) for m in spec.for_family(family).members}
+        want = kernel_members(spec.for_family(family))
         return want - current, current - want
     added = {n for m in delta[0] if member_family(m) == family and (n := normalise(spec.kind, m)) not in current}
     removed = {n for m in delta[1] if member_family(m) == family and (n := normalise(spec.kind, m)) in current}

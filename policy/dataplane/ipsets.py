@@ -60,6 +60,11 @@ def normalise(kind: str, member: str) -> str:
     return _canonical(member)
 
 
+def kernel_members(spec: IpSetSpec) -> set[str]:
+    """The members of `spec` as `ipset save` shows them (what the kernel set holds once written)."""
+    return {normalise(spec.kind, m) for m in spec.members}
+
+
 def parse_save(text: str, prefix: str = names.PREFIX) -> dict[str, ActualSet]:
     sets: dict[str, ActualSet] = {}
     for line in text.splitlines():
@@ -100,7 +105,7 @@ class IpsetDataplane:
         lines: list[str] = []
         for name, spec in desired.items():
             family = spec.family or 4
-            want = {normalise(spec.kind, m) for m in spec.members}
+            want = kernel_members(spec)
             have = actual.get(name)
             if have is not None and (have.kind, have.family) != (spec.kind, family):
                 log.warning("ipset %s has type %s (IPv%d), want %s (IPv%d): refilling", name, have.kind, have.family,
