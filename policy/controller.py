@@ -43,12 +43,14 @@ from policy.dataplane.iptables import (
     detect_backend,
     diff,
     family_available,
+    hook_ops,
+    read_chains,
     read_table,
 )
 from policy.dataplane.runner import CommandError
 from policy.dataplane.writers import Writer, make_writer
 from policy.incremental import Changes, PolicyEngine
-from policy.render import HOOKS, RenderedRule, RenderOptions, Ruleset, render, render_chains
+from policy.render import HOOKS, RenderedRule, RenderOptions, Ruleset, hooks, render, render_chains
 from routed import failpoints
 from routed.api_types import InvalidPolicy, PolicyReport
 from routed.backoff import Backoff
@@ -120,12 +122,38 @@ class FamilyPlan:
     new_sets: dict[str, str] = field(default_factory=dict)  # created: kernel name -> kind
 
 
+@dataclass(frozen=True)
+class EngineView:
+    """What an apply reports about the engine, copied on the event loop when it is planned: the thread that
+    executes the plan never reads the engine, which the loop keeps changing."""
+
+    endpoints: int = 0
+    warnings: tuple[str, ...] = ()
+    invalid: tuple[InvalidPolicy, ...] = ()
+
+    @classmethod
+    def of(cls, engine: PolicyEngine) -> EngineView:
+        policies = sorted(engine.policies.values(), key=lambda p: (p.namespace, p.name))
+        return cls(len(engine.ep_plans), tuple(unknown_pod_warning(e) for e in engine.ep_plans.values()
+                                               if e.unknown_pod),
+                   tuple(p.as_report() for p in problems_of(policies)))
+
+
+@dataclass(frozen=True)
+class DropChains:
+    """One endpoint's chains whose DROP rules count its drops (copied on the loop for the counters thread)."""
+
+    pod_key: str
+    chains: tuple[str, str]
+
+
 @dataclass
 class ApplyPlan:
     """What one apply will do: the ipset lines of both families around each family's table operations."""
 
     full: bool
     calc: Calculation | None = None
+    view: EngineView = field(default_factory=EngineView)
     families: dict[int, FamilyPlan] = field(default_factory=dict)
     ipset_before: list[str] = field(default_factory=list)
     ipset_after: list[str] = field(default_factory=list)
@@ -238,17 +266,45 @@ class PolicyController:
             warnings=list(last.warnings) if last else [],
         )
 
-    def drop_counters(self) -> dict[str, int]:
-        """Packets dropped per endpoint (pod key): the counters of the DROP rules of its chains, both families."""
+    def drop_chains(self) -> list[DropChains]:
+        """Each endpoint's counted chains, copied (call on the loop, hand the copy to `drop_counters`)."""
+        return [DropChains(ep.pod_key, (ep.from_chain, ep.to_chain)) for ep in self.engine.ep_plans.values()]
+
+    def drop_counters(self, endpoints: list[DropChains] | None = None) -> dict[str, int]:
+        """Packets dropped per endpoint (pod key): the counters of the DROP rules of its chains, both families.
+        `endpoints`: the copy from `drop_chains` (a thread must not read the engine); None: take it now."""
+        endpoints = self.drop_chains() if endpoints is None else endpoints
         with self._lock:
             if self._applied is None:
                 return {}
-            result = {ep.pod_key: 0 for ep in self.engine.ep_plans.values()}
+            result = {ep.pod_key: 0 for ep in endpoints}
             for family, applied in self._applied.items():
                 state = read_table(self.backend, counters=True, family=family)
-                for ep in self.engine.ep_plans.values():
-                    result[ep.pod_key] += _drops(applied.chains, state, (ep.from_chain, ep.to_chain))
+                for ep in endpoints:
+                    result[ep.pod_key] += _drops(applied.chains, state, ep.chains)
             return result
+
+    def check_hooks(self) -> int:
+        """Put our jumps back at the top of FORWARD and INPUT in every policed family if anything flushed them,
+        moved them or inserted ahead of them (kube-proxy, firewalld and Docker insert their own); reads only
+        those chains. Returns the operations written (0: all in place). Nothing is checked before the first
+        full apply (it writes them). Raises PolicyApplyError on failure, which makes the next apply a full one."""
+        with self._lock:
+            if self._applied is None:
+                return 0
+            written = 0
+            try:
+                for family in self.families:
+                    ops = hook_ops(hooks(), read_chains(self.backend, HOOKS, family))
+                    if ops:
+                        log.warning("IPv%d: our hook was not first in %s (flushed, or a rule inserted ahead): "
+                                    "restoring it", family, ", ".join(sorted({op.chain for op in ops})))
+                        self.writer_for(family).apply(ops)
+                        written += len(ops)
+            except Exception as exc:
+                self.force_readback()
+                raise PolicyApplyError(ApplyReport(ok=False, error=f"hook check failed: {exc}")) from exc
+            return written
 
     def remove_all(self) -> None:
         """Remove our chains and hooks from every family's table, then our ipsets."""
@@ -264,10 +320,24 @@ class PolicyController:
 
     # -- planning (no I/O) ------------------------------------------------------------------------------
     def plan(self) -> ApplyPlan:
+        """The next apply (call on the loop that owns the engine). A planning failure puts the changes back and
+        makes the next apply a full one (nothing taken is lost), and raises PolicyApplyError."""
+        start = time.monotonic()
         changes = self.engine.take_changes()
-        if self._applied is None:
-            return self._plan_full()
-        return self._plan_incremental(changes, self._applied)
+        try:
+            failpoints.hit("policy.plan")
+            plan = self._plan_full() if self._applied is None else self._plan_incremental(changes, self._applied)
+            plan.view = EngineView.of(self.engine)
+        except Exception as exc:
+            changes.merge(self.engine.changes)
+            self.engine.changes = changes
+            self.force_readback()
+            log.exception("policy apply not planned")
+            report = ApplyReport(ok=False, error=f"planning failed: {exc}", writer=self.options.iptables_writer,
+                                 backend=self.backend, families=self.families)
+            self._finish(report, start, EngineView())
+            raise AssertionError("unreachable") from exc  # _finish raised PolicyApplyError
+        return plan
 
     def _plan_full(self) -> ApplyPlan:
         calc = self.engine.calculation()
@@ -349,7 +419,7 @@ class PolicyController:
                 report.error = str(exc)
                 self.force_readback()  # whatever happened, the next apply compares with the kernel
             report.changed = report.iptables_ops + report.ipset_ops > 0
-            return self._finish(report, start)
+            return self._finish(report, start, plan.view)
 
     def _apply_ops(self, family: int, ops: list[Op], report: ApplyReport) -> None:
         self.writer_for(family).apply(ops)
@@ -363,8 +433,10 @@ class PolicyController:
         actual_sets = self.ipsets.read()
         phase1 = self.ipsets.phase1_script(desired, actual_sets)
         self.ipsets.restore(phase1)
-        for family, fplan in sorted(plan.families.items()):
+        for i, (family, fplan) in enumerate(sorted(plan.families.items())):
             assert fplan.ruleset is not None
+            if i:
+                failpoints.hit("policy.between_families")
             self._apply_ops(family, diff(fplan.ruleset, read_table(self.backend, family=family), sweep=True), report)
         for family in self.sweep_families:
             self._sweep(family, report)
@@ -389,26 +461,26 @@ class PolicyController:
     def _execute_incremental(self, plan: ApplyPlan, report: ApplyReport) -> None:
         assert self._applied is not None
         self.ipsets.restore(plan.ipset_before)
-        for family, fplan in sorted(plan.families.items()):
+        for i, (family, fplan) in enumerate(sorted(plan.families.items())):
+            if i:
+                failpoints.hit("policy.between_families")
             self._apply_ops(family, fplan.ops, report)
         self.ipsets.restore(plan.ipset_after)
         report.ipset_ops += len(plan.ipset_before) + len(plan.ipset_after)
         for family, fplan in plan.families.items():
             _record(self._applied[family], fplan)
 
-    def _finish(self, report: ApplyReport, start: float) -> ApplyReport:
+    def _finish(self, report: ApplyReport, start: float, view: EngineView) -> ApplyReport:
         report.duration_s = time.monotonic() - start
-        engine = self.engine
         if self._applied is not None:
             families = self._applied.values()
             report.rules = sum(sum(len(r) for r in a.chains.values()) + len(HOOKS) for a in families)
             report.chains = sum(len(a.chains) for a in families)
             report.ipsets = sum(len(a.sets) for a in families)
             report.members = sum(len(m) for a in families for _, m in a.sets.values())
-        report.endpoints = len(engine.ep_plans)
-        report.warnings = [unknown_pod_warning(e) for e in engine.ep_plans.values() if e.unknown_pod]
-        policies = sorted(engine.policies.values(), key=lambda p: (p.namespace, p.name))
-        report.invalid = [p.as_report() for p in problems_of(policies)]
+        report.endpoints = view.endpoints
+        report.warnings = list(view.warnings)
+        report.invalid = list(view.invalid)
         self._ready = report.ok
         self._last = report
         if not report.ok:

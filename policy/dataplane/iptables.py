@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from policy import names
 from policy.dataplane.runner import CommandError, run
-from policy.render import Ruleset
+from policy.render import RenderedRule, Ruleset
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,19 @@ def detect_backend(preference: str = "auto") -> str:
     if counts.get("legacy", (0, False))[0] > counts.get("nft", (0, False))[0]:
         return "legacy"
     return "nft" if "nft" in counts else "legacy"
+
+
+def read_chains(backend: str, chains: Iterable[str], family: int = 4) -> TableState:
+    """Just these (built-in) chains of the filter table, one `iptables -S CHAIN` each: the cheap hook check reads
+    a few rules rather than the whole table."""
+    command = tools(backend, family)[0].removesuffix("-save")
+    text = "".join(run([command, "-w", "5", "-t", TABLE, "-S", chain], timeout=30) for chain in chains)
+    return parse_save(f"*{TABLE}\n{text}")
+
+
+def hook_ops(hooks: dict[str, RenderedRule], actual: TableState) -> list[Op]:
+    """What puts each hook back at position 1 of its built-in chain, once (nothing when all are in place)."""
+    return diff(Ruleset(hooks=dict(hooks)), actual, sweep=False)
 
 
 def read_table(backend: str, counters: bool = False, family: int = 4) -> TableState:

@@ -146,6 +146,32 @@ def test_sweep_leftovers_and_keep_foreign_rules(spaces):
         ctl.close()
 
 
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+def test_hook_check_puts_our_jumps_back_first(spaces, backend):
+    """A flushed FORWARD and a rule inserted ahead of our INPUT jump (what kube-proxy, firewalld, Docker do) are
+    repaired by the cheap hook check in both families, keeping the foreign rule; all in place: nothing written."""
+    ns = spaces(f"hk{backend[0]}")
+    ctl = RemoteController(ns, iptables_backend=backend)
+    try:
+        assert ctl.call("sync", synthetic(3, 3, seed=5)).ok
+        assert ctl.call("check_hooks") == 0
+        for tool in ("iptables", "ip6tables"):
+            netns.ns_run(ns, [f"{tool}-{backend}", "-w", "-F", "FORWARD"])
+            netns.ns_run(ns, [f"{tool}-{backend}", "-w", "-I", "INPUT", "1", "-p", "udp", "--dport", "9", "-j",
+                              "ACCEPT"])
+        assert ctl.call("check_hooks") == 6  # per family: FORWARD insert; INPUT delete + insert
+        for family in (4, 6):
+            lines = ruleset(ns, backend, family=family)
+            for builtin, target in (("FORWARD", "rtd-FORWARD"), ("INPUT", "rtd-INPUT")):
+                rules = [ln for ln in lines if ln.startswith(f"-A {builtin} ")]
+                assert rules[0].endswith(f"-j {target}"), (family, rules)
+                assert sum("rtd:" in ln for ln in rules) == 1, (family, rules)
+            assert any("--dport 9 -j ACCEPT" in ln for ln in lines if ln.startswith("-A INPUT"))
+        assert ctl.call("check_hooks") == 0
+    finally:
+        ctl.close()
+
+
 def test_idempotent_counters_survive(spaces):
     ns = spaces("idem")
     ctl = RemoteController(ns)

@@ -9,9 +9,6 @@ import pytest
 from policy import names
 from policy.calc import PolicyInputs
 from policy.controller import PolicyApplyError, PolicyController
-from policy.dataplane import ipsets as ipsets_mod
-from policy.dataplane.iptables import ActualRule, Op, TableState
-from policy.dataplane.writers import Writer
 from routed.config import PolicyOptions
 from routed.model import ContainerPort, Endpoint, Namespace, Pod
 
@@ -65,91 +62,7 @@ def test_invalid_policy_in_report(monkeypatch):
     assert ctl.report()["invalidPolicies"][0]["policy"] == "x/bad"
 
 
-# -- a simulated kernel: one filter table per family, one ipset namespace ---------------------------------------
-class FakeKernel:
-    def __init__(self) -> None:
-        self.tables = {4: TableState({"INPUT": [], "FORWARD": [], "OUTPUT": []}),
-                       6: TableState({"INPUT": [], "FORWARD": [], "OUTPUT": []})}
-        self.sets: dict[str, ipsets_mod.ActualSet] = {}
-        self.log: list[tuple[str, object]] = []  # ("ipset", lines) / ("iptables4" | "iptables6", ops)
-        self.packets = 0  # what read_table(counters=True) reports for every rule
-
-    # iptables
-    def read_table(self, backend: str, counters: bool = False, family: int = 4) -> TableState:
-        packets = self.packets if counters else 0
-        return TableState({c: [ActualRule(r.hash, packets, 0, r.text) for r in rules]
-                           for c, rules in self.tables[family].chains.items()})
-
-    def apply_ops(self, family: int, ops: list[Op]) -> None:
-        self.log.append((f"iptables{family}", list(ops)))
-        chains = self.tables[family].chains
-        for op in ops:
-            if op.kind == "new_chain":
-                chains[op.chain] = []
-        for op in ops:
-            rule = ActualRule(op.hash, 0, 0, op.line)
-            if op.kind == "replace":
-                chains[op.chain][op.position - 1] = rule
-            elif op.kind == "append":
-                chains[op.chain].append(rule)
-            elif op.kind == "insert":
-                chains[op.chain].insert(op.position - 1, rule)
-            elif op.kind == "delete":
-                del chains[op.chain][op.position - 1]
-        for op in ops:
-            if op.kind == "flush":
-                chains[op.chain] = []
-        for op in ops:
-            if op.kind == "delete_chain":
-                del chains[op.chain]
-
-    # ipset
-    def ipset_read(self) -> dict[str, ipsets_mod.ActualSet]:
-        return {n: ipsets_mod.ActualSet(s.name, s.kind, set(s.members), s.family) for n, s in self.sets.items()}
-
-    def ipset_restore(self, lines: list[str]) -> None:
-        if not lines:
-            return
-        self.log.append(("ipset", list(lines)))
-        for line in lines:
-            verb, name, *rest = line.split()
-            if verb == "create" and name not in self.sets:
-                family = 6 if rest[rest.index("family") + 1] == "inet6" else 4
-                self.sets[name] = ipsets_mod.ActualSet(name, rest[0], set(), family)
-            elif verb == "add":
-                self.sets[name].members.add(" ".join(rest))
-            elif verb == "del":
-                self.sets[name].members.discard(" ".join(rest))
-            elif verb == "flush":
-                self.sets[name].members.clear()
-            elif verb == "swap":
-                a, b = self.sets[name], self.sets[rest[0]]
-                a.members, b.members = b.members, a.members
-            elif verb == "destroy":
-                del self.sets[name]
-
-
-class FakeWriter(Writer):
-    name = "fake"
-
-    def __init__(self, kernel: FakeKernel, family: int) -> None:
-        self.kernel, self.family = kernel, family
-
-    def apply(self, ops: list[Op]) -> None:
-        if ops:
-            self.kernel.apply_ops(self.family, ops)
-
-
-def controller(monkeypatch, families=(4, 6), kernel: FakeKernel | None = None) -> tuple[PolicyController, FakeKernel]:
-    kernel = kernel or FakeKernel()
-    monkeypatch.setattr("policy.controller.read_table", kernel.read_table)
-    monkeypatch.setattr("policy.controller.family_available", lambda backend, family: True)
-    ctl = PolicyController(PolicyOptions(iptables_backend="nft", ip_families=list(families)), "n")
-    monkeypatch.setattr(ctl.ipsets, "read", kernel.ipset_read)
-    monkeypatch.setattr(ctl.ipsets, "restore", kernel.ipset_restore)
-    ctl._writers = {f: FakeWriter(kernel, f) for f in (4, 6)}
-    return ctl, kernel
-
+from tests.unit.policy_fakes import FakeKernel, controller  # noqa: E402
 
 WEB = ContainerPort(80, "TCP", "web")
 ALLOW = {"metadata": {"name": "allow", "namespace": "x"},
