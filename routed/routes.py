@@ -6,8 +6,10 @@
 - Idempotent: the kernel is read back and only differing prefixes are written.
 - Never touches routes of another protocol; a prefix that already has a foreign route (same destination in
   the same table) is not installed and is reported as a conflict.
-- `prune=False` (after a restart, until every peer's End-of-RIB): nothing is removed and next hops already in
-  the kernel are kept next to the learned ones, so forwarding never loses a path while peers re-advertise.
+- `prune=False` (after a restart, until every peer's End-of-RIB): next hops already in the kernel are kept next
+  to the learned ones, so forwarding never loses a path while peers re-advertise; only next hops known to be
+  gone (`Gone`: withdrawn in this run, or the address of a peer whose BFD went Down) are removed, and a route left
+  with none is deleted.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ class ApplyResult:
     @property
     def changed(self) -> bool:
         return bool(self.added or self.replaced or self.removed)
+
+
+@dataclass(frozen=True)
+class Gone:
+    """Next hops known to be gone, removed from the kernel even when merging (`prune=False`)."""
+
+    routes: Mapping[str, frozenset[str]] = field(default_factory=dict)  # prefix -> next hops retracted
+    next_hops: frozenset[str] = frozenset()  # gone for every prefix (peers whose BFD went Down)
+
+    def of(self, prefix: str) -> frozenset[str]:
+        return self.routes.get(prefix, frozenset()) | self.next_hops
 
 
 def _gateways(msg: Any) -> frozenset[str]:
@@ -105,7 +118,10 @@ class RouteTable:
         ours, _ = await self._dump()
         return ours
 
-    async def apply(self, desired: Desired, prune: bool = True) -> ApplyResult:
+    async def apply(self, desired: Desired, prune: bool = True, gone: Gone | None = None) -> ApplyResult:
+        """Write `desired` (prefix -> next hops); `prune`: remove everything else of ours, else merge with the
+        kernel's next hops except those in `gone`."""
+        gone = gone or Gone()
         result = ApplyResult()
         try:
             ours, foreign = await self._dump()
@@ -121,36 +137,48 @@ class RouteTable:
             if prefix in foreign:
                 result.conflicts.append(prefix)
                 continue
-            want = frozenset(hops) if prune else frozenset(hops) | ours.get(prefix, frozenset())
+            want = frozenset(hops) if prune else frozenset(hops) | (ours.get(prefix, frozenset()) - gone.of(prefix))
             have = ours.get(prefix)
-            if have == want:
-                continue
-            kwargs: dict[str, Any] = {"dst": prefix, "proto": self.proto, "table": self.table}
-            ordered = sorted(want)
-            if len(ordered) == 1:
-                kwargs["gateway"] = ordered[0]
-            else:
-                kwargs["multipath"] = [{"gateway": g} for g in ordered]
-            try:
-                await ipr.route("replace", **kwargs)
-            except NetlinkError as e:
-                result.errors[prefix] = f"{e.code}: {e}"
-                continue
-            (result.replaced if have is not None else result.added).append(prefix)
-        if prune:
-            for prefix in sorted(set(ours) - {p for p, h in desired.items() if h and p not in foreign}):
-                try:
-                    await ipr.route("del", dst=prefix, proto=self.proto, table=self.table)
-                except NetlinkError as e:
-                    if e.code != 3:  # ESRCH: already gone
-                        result.errors[prefix] = f"{e.code}: {e}"
-                        continue
-                result.removed.append(prefix)
+            if have != want:
+                await self._write(ipr, prefix, want, have, result)
+        rest = sorted(set(ours) - {p for p, h in desired.items() if h and p not in foreign})
+        for prefix in rest:
+            if prune:
+                await self._write(ipr, prefix, frozenset(), ours[prefix], result)
+            elif prefix not in foreign:  # merging: only what is known to be gone goes
+                keep = ours[prefix] - gone.of(prefix)
+                if keep != ours[prefix]:
+                    await self._write(ipr, prefix, keep, ours[prefix], result)
         if result.changed or result.errors or result.conflicts:
             log.info("routes: +%d ~%d -%d conflicts=%s errors=%s", len(result.added), len(result.replaced),
                      len(result.removed), result.conflicts, result.errors)
         self.last = result
         return result
+
+    async def _write(self, ipr: AsyncIPRoute, prefix: str, want: frozenset[str], have: frozenset[str] | None,
+                     result: ApplyResult) -> None:
+        """One prefix to `want` (empty: deleted), as one atomic replace; recorded in `result`."""
+        if not want:
+            try:
+                await ipr.route("del", dst=prefix, proto=self.proto, table=self.table)
+            except NetlinkError as e:
+                if e.code != 3:  # ESRCH: already gone
+                    result.errors[prefix] = f"{e.code}: {e}"
+                    return
+            result.removed.append(prefix)
+            return
+        kwargs: dict[str, Any] = {"dst": prefix, "proto": self.proto, "table": self.table}
+        ordered = sorted(want)
+        if len(ordered) == 1:
+            kwargs["gateway"] = ordered[0]
+        else:
+            kwargs["multipath"] = [{"gateway": g} for g in ordered]
+        try:
+            await ipr.route("replace", **kwargs)
+        except NetlinkError as e:
+            result.errors[prefix] = f"{e.code}: {e}"
+            return
+        (result.replaced if have is not None else result.added).append(prefix)
 
     async def flush(self) -> int:
         """Remove every route of our protocol (clean shutdown without graceful restart)."""

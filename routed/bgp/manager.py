@@ -2,9 +2,12 @@
 
 Kernel routes (protocol ROUTE_PROTO_BGP, IPv4 and IPv6 alike) learned in a previous run are kept until every
 peer has sent End-of-RIB for every negotiated family after (re)connecting, or `startup_hold` seconds passed;
-then stale ones are removed.
+then stale ones are removed. During that hold the route table merges with the kernel's next hops, except those
+known to be gone (`routed.routes.Gone`): retracted in this run (withdrawn, replaced, the peer's session down or
+BFD Down) or the address of a peer whose BFD went Down; those go at once.
 `update` raises when it cannot apply (the caller retries the same inputs: nothing is cached before success);
-the route loop (supervised task `bgp-routes`) retries failed kernel writes with the shared backoff.
+the route loop (supervised task `bgp-routes`) retries failed kernel writes with the shared backoff, a wait that
+a new change ends early.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from routed.bgp.speaker import FAILURES_NOT_READY, Speaker
 from routed.config import BgpOptions
 from routed.errors import Code, RoutedError
 from routed.model import Node
-from routed.routes import RouteTable
+from routed.routes import ApplyResult, Gone, RouteTable
 from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ class BgpManager:
         self.config: SpeakerConfig | None = None
         self.errors: list[str] = []
         self._last_inputs: BgpInputs | None = None
-        self._started = 0.0
+        self._started = time.monotonic()  # the start-up hold runs from here (again from `start`)
         self._synced = False  # every peer sent End-of-RIB (or the hold expired): stale kernel routes may go
         self.startup_hold = DEFAULT_STARTUP_HOLD
         self.apply_errors = 0
@@ -172,6 +175,20 @@ class BgpManager:
             self._synced = True
         return self._synced
 
+    async def apply_routes(self) -> ApplyResult:
+        """One pass of the route loop: the learned routes to the kernel. During the start-up hold the kernel's
+        next hops are merged in, except those known to be gone (retracted, or a BFD-down peer's address)."""
+        prune = self._check_synced()
+        desired = self.speaker.desired_routes()
+        gone = None
+        if prune:
+            self.speaker.rib.forget_retracted()
+        else:
+            gone = Gone(self.speaker.retracted_routes(), frozenset(self.speaker.bfd_down_peers))
+        res = await self.routes.apply(desired, prune=prune, gone=gone)
+        self.route_applies += 1
+        return res
+
     async def _route_loop(self, liveness: Liveness) -> None:
         backoff = Backoff(base=APPLY_RETRY_MIN, cap=APPLY_RETRY_MAX)
         while True:
@@ -180,14 +197,11 @@ class BgpManager:
             except TimeoutError:
                 pass
             self.speaker.changed.clear()
-            prune = self._check_synced()
-            desired = self.speaker.desired_routes()
             with liveness.busy("programming BGP routes"):
-                res = await self.routes.apply(desired, prune=prune)
-            self.route_applies += 1
+                res = await self.apply_routes()
             if res.errors:
                 self.apply_errors += 1
-                await backoff.sleep()
+                await backoff.sleep(self.speaker.changed)  # a new change ends the wait: retried at once
                 self.speaker.changed.set()
             else:
                 backoff.reset()

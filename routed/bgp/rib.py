@@ -11,6 +11,7 @@ next hop is set —, unspecified, link-local over an IPv4 session, another famil
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -257,6 +258,27 @@ class Rib:
         self.peers: dict[str, dict[str, LearnedRoute]] = {}
         self.max_prefix_hits: dict[str, int] = {}
         self.filtered: dict[str, int] = {}
+        # prefix -> next hops a peer retracted (withdrawn, replaced, its routes cleared or dropped as stale) and no
+        # peer announced again since; None once the route table prunes (nothing left to tell apart from the kernel)
+        self._retracted: dict[str, set[str]] | None = {}
+
+    def _retract(self, lrs: list[LearnedRoute]) -> None:
+        if self._retracted is None:
+            return
+        for lr in lrs:
+            try:
+                prefix = str(ipaddress.ip_network(lr.route.prefix, strict=False))
+            except ValueError:
+                continue
+            self._retracted.setdefault(prefix, set()).add(lr.route.nexthop)
+
+    def retracted(self) -> dict[str, frozenset[str]]:
+        """prefix -> next hops known to be gone (see `_retracted`): what a merging route table must not keep."""
+        return {p: frozenset(h) for p, h in (self._retracted or {}).items() if h}
+
+    def forget_retracted(self) -> None:
+        """Stop tracking retracted next hops (the route table prunes from now on)."""
+        self._retracted = None
 
     def set_filters(self, filters: Filters) -> None:
         self.filters = filters
@@ -265,6 +287,12 @@ class Rib:
         route = _resolve_link_local(peer, route)
         table = self.peers.setdefault(peer, {})
         current = table.get(route.prefix)
+        if current is not None and current.route.nexthop != route.nexthop:
+            self._retract([current])  # an implicit withdrawal of the old next hop
+        if self._retracted is not None:
+            with contextlib.suppress(ValueError):
+                self._retracted.get(str(ipaddress.ip_network(route.prefix, strict=False)), set()).discard(
+                    route.nexthop)
         table[route.prefix] = LearnedRoute(route, current.since if current and current.route == route else now)
         if current is None:
             limit = self.filters.max_prefixes.get(peer)
@@ -276,7 +304,9 @@ class Rib:
                                 route.prefix, self.max_prefix_hits[peer])
 
     def withdraw(self, peer: str, prefix: str) -> None:
-        self.peers.get(peer, {}).pop(prefix, None)
+        lr = self.peers.get(peer, {}).pop(prefix, None)
+        if lr is not None:
+            self._retract([lr])
 
     def mark_stale(self, peer: str) -> int:
         table = self.peers.get(peer, {})
@@ -288,17 +318,16 @@ class Rib:
         """Drop the peer's routes still stale (of one family: 4 or 6, at that family's End-of-RIB; all: None)."""
         table = self.peers.get(peer, {})
         stale = [p for p, lr in table.items() if lr.stale and (family is None or _version(p) == family)]
-        for p in stale:
-            del table[p]
+        self._retract([table.pop(p) for p in stale])
         return len(stale)
 
     def clear(self, peer: str) -> None:
-        self.peers.pop(peer, None)
+        self._retract(list(self.peers.pop(peer, {}).values()))
 
     def forget_peers_except(self, peers: set[str]) -> None:
         for p in list(self.peers):
             if p not in peers:
-                del self.peers[p]
+                self.clear(p)
 
     def _evaluate(self, peer: str) -> list[tuple[LearnedRoute, str]]:
         """(route, reject reason or "") in arrival order, max-prefix applied."""

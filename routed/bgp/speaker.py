@@ -540,6 +540,14 @@ class Speaker:
         """Kernel routes from the RIB, leaving out peers that BFD holds down (ECMP siblings stay)."""
         return self.rib.desired(exclude=self.bfd_down_peers)
 
+    def retracted_routes(self) -> dict[str, frozenset[str]]:
+        """prefix -> next hops known to be gone: retracted in the RIB (withdrawn, session down, stale dropped,
+        BFD down) or learned from a peer that BFD holds down. Desired routes win over these."""
+        out = {p: set(h) for p, h in self.rib.retracted().items()}
+        for p, hops in self.rib.desired(exclude=set(self.rib.peers) - self.bfd_down_peers).items():
+            out.setdefault(p, set()).update(hops)
+        return {p: frozenset(h) for p, h in out.items()}
+
     def _send_eor(self, st: PeerState) -> None:
         """End-of-RIB for every negotiated family (the announcements were just replayed)."""
         for family in st.negotiated:

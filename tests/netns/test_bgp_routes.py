@@ -1,13 +1,18 @@
 """Route table manager against a real kernel table inside an rtd-bgp-rt namespace."""
 
 import asyncio
+import json
 import os
 
 import pytest
 
 from routed import netns
+from routed.bgp.manager import BgpInputs, BgpManager
+from routed.bgp.rib import parse_message
+from routed.config import BgpOptions
 from routed.lab.routers import kernel_routes
-from routed.routes import RouteTable
+from routed.model import Node
+from routed.routes import Gone, RouteTable
 
 pytestmark = pytest.mark.netns
 PREFIX = "rtd-bgp-rt"
@@ -38,8 +43,8 @@ def run(coro):
 
 async def apply_all(table, *steps):
     out = []
-    for desired, prune in steps:
-        out.append(await table.apply(desired, prune=prune))
+    for desired, prune, *gone in steps:
+        out.append(await table.apply(desired, prune=prune, gone=gone[0] if gone else None))
     await table.close()
     return out
 
@@ -134,3 +139,65 @@ def test_ipv6_default_and_foreign_route(ns):
         assert r2.removed == ["::/0"] and routes6("202") == {}
     finally:
         netns.ns_run(ns, ["ip", "-6", "route", "del", "fd10:60::/64"], check=False)
+
+
+def test_merge_removes_only_next_hops_known_gone(ns):
+    # a previous run left P over both next hops, Q over G1 and R over G2; nothing of them is re-learned yet
+    p, q, r = "10.71.1.0/24", "10.71.2.0/24", "10.71.3.0/24"
+    run(apply_all(RouteTable(netns=ns), ({p: frozenset({G1, G2}), q: frozenset({G1}), r: frozenset({G2})}, True)))
+    try:
+        (r1,) = run(apply_all(RouteTable(netns=ns), ({p: frozenset({G2})}, False, Gone(next_hops=frozenset({G1})))))
+        assert r1.replaced == [p] and r1.removed == [q] and not r1.errors, r1  # G1 gone everywhere (BFD Down)
+        assert routes("202") == {p: [G2], r: [G2]}
+        (r2,) = run(apply_all(RouteTable(netns=ns), ({}, False, Gone(routes={p: frozenset({G2})}))))
+        assert r2.removed == [p] and not r2.replaced, r2  # withdrawn: the last next hop gone, the route too
+        assert routes("202") == {r: [G2]}  # never learned in this run: kept while merging
+    finally:
+        run(apply_all(RouteTable(netns=ns), ({}, True)))
+
+
+def test_bfd_down_and_withdrawal_inside_the_startup_hold_reach_the_kernel(ns, tmp_path):
+    """The manager's route pass (no ExaBGP: its messages are fed to the speaker) against the real table."""
+    p, q = "10.72.1.0/24", "10.72.2.0/24"
+    run(apply_all(RouteTable(netns=ns), ({p: frozenset({G1, G2}), q: frozenset({G1})}, True)))  # a previous run
+    node = Node(name="n1", pod_cidrs=("10.244.1.0/24",), addresses=("10.9.0.1",))
+    peers = [{"kind": "BGPPeer", "metadata": {"name": f"tor{i}"}, "spec": {"peerIP": ip, "asNumber": 65100 + i}}
+             for i, ip in ((1, G1), (2, G2))]
+    configs = [{"kind": "BGPConfiguration", "metadata": {"name": "default"}, "spec": {"asNumber": 65001}}]
+
+    def msg(peer, **neighbor):
+        return parse_message(json.dumps({"type": neighbor.pop("type"),
+                                         "neighbor": {"address": {"peer": peer}, **neighbor}}))
+
+    def update(peer, key, prefixes):
+        u = {"attribute": {"as-path": {"0": {"element": "as-sequence", "value": [65100]}}},
+             key: {"ipv4 unicast": {peer: [{"nlri": x} for x in prefixes]} if key == "announce"
+                   else [{"nlri": x} for x in prefixes]}}
+        return msg(peer, type="update", direction="receive", message={"update": u})
+
+    async def scenario():
+        (tmp_path / "run").mkdir()
+        mgr = BgpManager("n1", str(tmp_path / "state"), str(tmp_path / "run"), BgpOptions())
+        mgr.routes = RouteTable(netns=ns)
+        try:
+            await mgr.update(BgpInputs(node=node, nodes=[node], peers=peers, configs=configs, secrets={}))
+            for tor in (G1, G2):  # both sessions up, P re-learned, no End-of-RIB: the hold goes on
+                mgr.speaker.handle(msg(tor, type="state", state="up"), 1.0)
+                mgr.speaker.handle(update(tor, "announce", [p]), 1.1)
+            steps = [await mgr.apply_routes(), routes("202")]
+            mgr.speaker.bfd_down(G1, "controlDetectionTimeExpired")
+            steps += [await mgr.apply_routes(), routes("202")]
+            mgr.speaker.handle(update(G2, "withdraw", [p]), 2.0)
+            steps += [await mgr.apply_routes(), routes("202"), mgr.status()["synced"]]
+            return steps
+        finally:
+            await mgr.routes.close()
+
+    try:
+        r1, k1, r2, k2, r3, k3, synced = run(scenario())
+        assert not r1.changed and k1 == {p: [G1, G2], q: [G1]}, (r1, k1)  # merged: nothing lost
+        assert r2.replaced == [p] and r2.removed == [q] and k2 == {p: [G2]}, (r2, k2)  # BFD Down: G1 at once
+        assert r3.removed == [p] and k3 == {}, (r3, k3)  # withdrawn by the last peer
+        assert not synced  # all of it inside the hold
+    finally:
+        run(apply_all(RouteTable(netns=ns), ({}, True)))

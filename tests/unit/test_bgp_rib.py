@@ -84,6 +84,24 @@ def test_ecmp_withdraw_and_stale():
     assert rib.desired() == {"10.244.3.0/24": frozenset({"10.1.1.1"})}
 
 
+
+def test_retracted_next_hops_until_announced_again():
+    rib = make_rib()
+    feed(rib, update("10.1.1.1", [("10.244.2.0/24", "10.1.1.1"), ("10.244.3.0/24", "10.1.1.1")]))
+    feed(rib, update("10.2.1.1", [("10.244.2.0/24", "10.2.1.1")]))
+    assert rib.retracted() == {}
+    feed(rib, update("10.2.1.1", withdraw=["10.244.2.0/24"]))
+    feed(rib, update("10.1.1.1", [("10.244.3.0/24", "10.1.9.9")]))  # an implicit withdrawal of 10.1.1.1
+    assert rib.retracted() == {"10.244.2.0/24": {"10.2.1.1"}, "10.244.3.0/24": {"10.1.1.1"}}
+    feed(rib, update("10.2.1.1", [("10.244.2.0/24", "10.2.1.1")]))  # announced again: not gone any more
+    rib.mark_stale("10.1.1.1")
+    assert rib.drop_stale("10.1.1.1") == 2  # stale routes dropped count as retracted too
+    rib.clear("10.2.1.1")  # the session went down
+    assert rib.retracted() == {"10.244.2.0/24": {"10.1.1.1", "10.2.1.1"}, "10.244.3.0/24": {"10.1.1.1", "10.1.9.9"}}
+    rib.forget_retracted()  # the route table prunes from now on
+    feed(rib, update("10.1.1.1", withdraw=["10.244.2.0/24"]))
+    assert rib.retracted() == {}
+
 def test_max_prefixes():
     rib = make_rib(max_prefixes={"10.1.1.1": 2})
     for k in range(5):

@@ -109,7 +109,7 @@ class FakeRoutes:
     async def kernel(self):
         return {}
 
-    async def apply(self, desired, prune=True):
+    async def apply(self, desired, prune=True, gone=None):
         self.applied.append((dict(desired), prune))
         return self.last
 
