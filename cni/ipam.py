@@ -5,6 +5,11 @@ holding an exclusive `fcntl.flock` on `<state_dir>/ipam/lock`. Every operation r
 lock, so concurrent callers are safe whether they are threads of the agent (each call opens its own lock file
 description, and flock conflicts between descriptions) or separate processes.
 
+Each allocation records its attachment's key (cni/names.py `attachment_key`) with its containerId and ifname.
+Store version 1 used an ambiguous key (`<containerId>_<ifname>`); a version 1 document is migrated in place
+(keys recomputed from containerId and ifname) the first time it is read, so an upgraded agent keeps every
+allocation.
+
 Allocation policy:
 - one address per CIDR family (IPv4 and/or IPv6) per attachment (containerId + ifname);
 - IPv4: the network and broadcast addresses are never handed out (except in /31 and /32, RFC 3021);
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: unambiguous attachment keys (1: `<containerId>_<ifname>`)
 
 
 class IpamError(RoutedError):
@@ -82,6 +87,8 @@ class Ipam:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 doc = self._read()
+                if self._migrate(doc):
+                    self._write(doc)
                 before = json.dumps(doc, sort_keys=True)
                 yield doc
                 if json.dumps(doc, sort_keys=True) != before:
@@ -101,6 +108,23 @@ class Ipam:
             raise IpamError(f"IPAM store {self.path} is corrupt: no allocations map")
         doc.setdefault("last", {})
         return doc
+
+    def _migrate(self, doc: dict[str, Any]) -> bool:
+        """Bring an older document to STORE_VERSION; True if it changed."""
+        version = doc.get("version", 1)
+        if not isinstance(version, int) or version >= STORE_VERSION:
+            return False
+        for ip, owner in doc["allocations"].items():
+            container_id, ifname = owner.get("containerId"), owner.get("ifname")
+            if isinstance(container_id, str) and isinstance(ifname, str):
+                owner["key"] = attachment_key(container_id, ifname)
+            else:
+                log.warning("IPAM store %s: allocation %s names no containerId/ifname; CNI GC will release it",
+                            self.path, ip)
+        doc["version"] = STORE_VERSION
+        log.info("IPAM store %s migrated from version %d to %d (%d allocations kept)", self.path, version,
+                 STORE_VERSION, len(doc["allocations"]))
+        return True
 
     def _write(self, doc: dict[str, Any]) -> None:
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"

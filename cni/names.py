@@ -26,5 +26,15 @@ def is_host_veth_name(name: str) -> bool:
 
 
 def attachment_key(container_id: str, ifname: str) -> str:
-    """Key of one attachment in the IPAM and endpoint stores (file-name safe: container ids are [A-Za-z0-9_.-])."""
+    """Key of one attachment in the IPAM and endpoint stores: "<len(containerId)>.<containerId>.<ifname>".
+
+    The length prefix makes it unambiguous for any two strings (no separator has to be absent from either), so
+    ("a_b", "c") and ("a", "b_c") never share a key. File-name safe for validated attachments (cni/request.py:
+    container ids are [A-Za-z0-9_.-], ifnames hold no '/'; the key never is "." or "..").
+    """
+    return f"{len(container_id)}.{container_id}.{ifname}"
+
+
+def legacy_attachment_key(container_id: str, ifname: str) -> str:
+    """The key before IPAM store version 2 (ambiguous: "a_b" + "c" == "a" + "b_c"); only to migrate old state."""
     return f"{container_id}_{ifname}"

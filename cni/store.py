@@ -1,6 +1,8 @@
 """Persisted endpoints: one JSON file per attachment under `<state_dir>/endpoints/`, written atomically.
 
 The agent keeps the same data in memory; the files let a restarted agent know which veths and routes are in use.
+Each file is named `<attachment_key>.json` (cni/names.py); a file of an older agent under another name (the
+ambiguous `<containerId>_<ifname>.json`) is renamed on load, so a later DEL removes it.
 """
 
 from __future__ import annotations
@@ -57,10 +59,26 @@ class EndpointStore:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("ignoring unreadable endpoint file %s: %s", path, exc)
                 continue
-            eps[attachment_key(ep.container_id, ep.ifname)] = ep
+            key = attachment_key(ep.container_id, ep.ifname)
+            if self._migrate(path, key):
+                eps[key] = ep
         with self._lock:
             self._eps = eps
         log.info("loaded %d persisted endpoints", len(eps))
+
+    def _migrate(self, path: str, key: str) -> bool:
+        """Rename a file of an older naming scheme to its key's name; False if a file there supersedes it (it is
+        newer: written by this scheme) and this one was removed."""
+        wanted = self._path(key)
+        if path == wanted:
+            return True
+        if os.path.exists(wanted):
+            log.info("removing endpoint file %s: %s supersedes it", path, wanted)
+            os.unlink(path)
+            return False
+        log.info("renaming endpoint file %s to %s", path, wanted)
+        os.replace(path, wanted)
+        return True
 
     def _path(self, key: str) -> str:
         return os.path.join(self.dir, key + ".json")

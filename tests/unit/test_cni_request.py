@@ -30,7 +30,7 @@ def test_host_veth_name_is_deterministic_and_short() -> None:
     assert is_host_veth_name(name)
     assert not is_host_veth_name("rtd-cni-x")
     assert not is_host_veth_name("eth0")
-    assert attachment_key("abc", "eth0") == "abc_eth0"
+    assert attachment_key("abc", "eth0") == "3.abc.eth0"
 
 
 def test_host_veth_name_matches_documented_formula() -> None:
