@@ -139,7 +139,7 @@ static netconf read_netconf(const char *js) {
         if (key_is(key, klen, "cniVersion")) {
             nc.version_kind = !is_string ? V_NONE : !copy_string(value, nc.version, sizeof nc.version) ? V_LONG
                               : strchr(nc.version, '\\') ? V_ESCAPED : V_PLAIN;
-            if (nc.version_kind == V_LONG && memchr(value + 1, '\\', (size_t)(p - value))) nc.version_kind = V_ESCAPED;
+            if (nc.version_kind == V_LONG && memchr(value + 1, '\\', (size_t)(p - value - 1))) nc.version_kind = V_ESCAPED;
             if (nc.version_kind != V_PLAIN) nc.version[0] = 0;
         }
         if (key_is(key, klen, "socketPath") && (!is_string || !copy_string(value, nc.socket, sizeof nc.socket)))
