@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from policy.calc import PolicyInputs
-from policy.controller import PolicyApplyError, PolicyController
+from policy.controller import PolicyApplyError, PolicyController, budget_of
 from policy.drift import input_differences
 from policy.events import EventPoster, InvalidPolicyEvents
 from policy.explain import explain, policies_for
@@ -169,7 +169,8 @@ class PolicyComponent:
         node = self.cache.node(self.node_name)
         return PolicyInputs(namespaces=self.cache.namespaces(), pods=self.cache.pods(),
                             policies=self.cache.raw("NetworkPolicy"), endpoints=list(self.endpoints()),
-                            node_ips=list(node.addresses) if node else [])
+                            node_ips=list(node.addresses) if node else [],
+                            budget=budget_of(self.options))
 
     async def _apply(self) -> None:
         await self._flush()

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from policy import names
-from policy.calc import Calculation, IpSetSpec, PolicyInputs, member_family, problems_of, unknown_pod_warning
+from policy.calc import Calculation, IpSetSpec, PolicyBudget, PolicyInputs, member_family, unknown_pod_warning
 from policy.dataplane.ipsets import IpsetDataplane, kernel_members, normalise
 from policy.dataplane.iptables import (
     FAMILY_TOOLS,
@@ -133,10 +133,9 @@ class EngineView:
 
     @classmethod
     def of(cls, engine: PolicyEngine) -> EngineView:
-        policies = sorted(engine.policies.values(), key=lambda p: (p.namespace, p.name))
         return cls(len(engine.ep_plans), tuple(unknown_pod_warning(e) for e in engine.ep_plans.values()
                                                if e.unknown_pod),
-                   tuple(p.as_report() for p in problems_of(policies)))
+                   tuple(p.as_report() for p in engine.problems()))
 
 
 @dataclass(frozen=True)
@@ -162,6 +161,11 @@ class ApplyPlan:
     def empty(self) -> bool:
         return not self.full and not (self.ipset_before or self.ipset_after
                                       or any(f.ops for f in self.families.values()))
+
+
+def budget_of(options: PolicyOptions) -> PolicyBudget:
+    """The configured budget (routed.config.PolicyBudgetOptions) as the calculation takes it."""
+    return PolicyBudget(**options.budget.model_dump())
 
 
 def family_sets(calc: Calculation, families: tuple[int, ...]) -> dict[str, IpSetSpec]:
@@ -205,7 +209,7 @@ class PolicyController:
                         family, list(self.families), family)
         self._writers: dict[int, Writer] = {}
         self.ipsets = IpsetDataplane()
-        self.engine = PolicyEngine()
+        self.engine = PolicyEngine(budget=budget_of(options))
         self._lock = threading.Lock()  # one execute at a time (drop counters read the trusted state too)
         self._applied: dict[int, Applied] | None = None  # per family; None: unknown (the next apply is full)
         self._last: ApplyReport | None = None
@@ -255,10 +259,9 @@ class PolicyController:
 
     def report(self) -> PolicyReport:
         last = self._last
-        policies = sorted(self.engine.policies.values(), key=lambda p: (p.namespace, p.name))
         return PolicyReport(
             enabled=True, node=self.node_name, ready=self._ready, writer=self.options.iptables_writer,
-            backend=self.backend, invalidPolicies=[p.as_report() for p in problems_of(policies)],
+            backend=self.backend, invalidPolicies=[p.as_report() for p in self.engine.problems()],
             rules=last.rules if last else 0, chains=last.chains if last else 0, ipsets=last.ipsets if last else 0,
             members=last.members if last else 0, endpoints=last.endpoints if last else 0,
             lastApplyTime=self._last_ok_time, lastApplySeconds=last.duration_s if last else None,
@@ -356,20 +359,23 @@ class PolicyController:
     def _plan_sets(self, changes: Changes, applied_sets: KernelSets, plan: ApplyPlan, fplan: FamilyPlan) -> bool:
         """This family's ipset lines for the changed sets into `plan`; False: a full apply is needed."""
         family = fplan.family
-        for name, delta in sorted(changes.sets.items()):
-            spec = self.engine.set_spec(name)
+        destroys: list[tuple[bool, str]] = []  # (not a list:set, kernel name): a list:set goes before its members
+        specs = {name: self.engine.set_spec(name) for name in changes.sets}
+        # a list:set is created after the sets it holds
+        for name, delta in sorted(changes.sets.items(), key=lambda item: (_is_list(specs[item[0]]), item[0])):
+            spec = specs[name]
             kname = names.family_ipset_name(name, family)
             have = applied_sets.get(kname)
             if spec is None:
                 if have is not None:
-                    plan.ipset_after.append(f"destroy {kname}")
+                    destroys.append((have[0] != "list:set", kname))
                     fplan.sets[kname] = None
                 continue
             if have is not None and have[0] != spec.kind:
                 return False
             if have is None:
                 members = kernel_members(spec.for_family(family))
-                plan.ipset_before += [self.ipsets.create_line(kname, spec.kind, family)] + [
+                plan.ipset_before += [self.ipsets.create_line(kname, spec.kind, family, len(members))] + [
                     f"add {kname} {m}" for m in sorted(members)]
                 fplan.new_sets[kname] = spec.kind
                 fplan.sets[kname] = (members, set())
@@ -383,6 +389,7 @@ class PolicyController:
             else:  # removals first: a `nomatch` entry and its plain twin cannot coexist
                 plan.ipset_before += [f"del {kname} {m}" for m in sorted(removed)]
                 plan.ipset_before += [f"add {kname} {m}" for m in sorted(added)]
+        plan.ipset_after += [f"destroy {kname}" for _, kname in sorted(destroys)]
         return True
 
     def _plan_chains(self, changes: Changes, applied: Chains, fplan: FamilyPlan) -> None:
@@ -490,6 +497,10 @@ class PolicyController:
         self.failures = 0
         self._last_ok_time = time.time()
         return report
+
+
+def _is_list(spec: IpSetSpec | None) -> bool:
+    return spec is not None and spec.kind == "list:set"
 
 
 def _member_delta(spec: IpSetSpec, family: int, current: set[str],

@@ -8,7 +8,10 @@ State and indexes:
 - *used* policy plans (referenced by at least one local endpoint) and the *active* sets they reference; only
   active sets have members, kept as counts per member string (two pods may share an address);
 - active selector sets indexed by (namespace | any, required label key=value | none), so a pod event visits only
-  the sets that could hold it; named-port sets by (protocol, port name).
+  the sets that could hold it; named-port sets by (protocol, port name);
+- the budget ledger (calc.BudgetLedger): which policies are over their own or the node's budget. `policies`
+  holds them as parsed; plans and problems use them as enforced (`enforced`: an over-budget one is invalid).
+  A policy event that changes another policy's verdict re-plans that one too.
 
 Events: set_namespace/delete_namespace, set_pod/delete_pod, set_policy/delete_policy, add_endpoint/
 remove_endpoint, set_node_ips. `take_changes()` returns what changed since the last call: the sets touched (with
@@ -26,12 +29,16 @@ from typing import Any
 
 from policy import names
 from policy.calc import (
+    DEFAULT_BUDGET,
     DIRECTIONS,
+    BudgetLedger,
     Calculation,
     EndpointPlan,
     IpSetSpec,
+    PolicyBudget,
     PolicyInputs,
     PolicyPlan,
+    PolicyProblem,
     SetDef,
     contributes,
     default_namespace_labels,
@@ -39,6 +46,7 @@ from policy.calc import (
     host_set,
     local_pod_ips,
     namespace_labels_of,
+    over_budget,
     plan_policy,
     plan_sets,
     pod_members,
@@ -59,7 +67,7 @@ class ActiveSet:
 
     @property
     def members(self) -> frozenset[str]:
-        return frozenset(self.counts) if self.definition.kind != "hash:net" else self.definition.static_members
+        return self.definition.static_members if self.definition.static else frozenset(self.counts)
 
 
 @dataclass
@@ -98,15 +106,16 @@ class Changes:
 
 
 class PolicyEngine:
-    def __init__(self, node_ips: Iterable[str] = ()) -> None:
+    def __init__(self, node_ips: Iterable[str] = (), budget: PolicyBudget = DEFAULT_BUDGET) -> None:
         self.ns_labels: dict[str, dict[str, str]] = {}
         self.raw_pods: dict[str, Pod] = {}
         self.pods: dict[str, Pod] = {}  # effective
         self.pods_by_ns: dict[str, set[str]] = {}
         self.pods_by_ns_label: dict[tuple[str, str, str], set[str]] = {}
         self.pods_by_port: dict[tuple[str, str], set[str]] = {}
-        self.policies: dict[str, Policy] = {}
+        self.policies: dict[str, Policy] = {}  # as parsed
         self.policies_by_ns: dict[str, dict[str, Policy]] = {}
+        self.ledger = BudgetLedger(budget)
         self.endpoints: dict[str, Endpoint] = {}  # host_ifname -> endpoint
         self.endpoints_by_pod: dict[str, set[str]] = {}
         self.ep_plans: dict[str, EndpointPlan] = {}
@@ -124,7 +133,7 @@ class PolicyEngine:
     def from_inputs(cls, inputs: PolicyInputs) -> PolicyEngine:
         """A whole snapshot at once: namespaces, pods and endpoints straight into the indexes (no set is active
         yet, so there is nothing to update), then each policy as an event (activating what it uses)."""
-        engine = cls(inputs.node_ips)
+        engine = cls(inputs.node_ips, inputs.budget)
         for ns in inputs.namespaces:
             engine.ns_labels[ns.name] = namespace_labels_of(ns)
         for ep in inputs.endpoints:
@@ -142,8 +151,12 @@ class PolicyEngine:
         for host_ifname in engine.endpoints:
             engine._refresh_endpoint(host_ifname)
         engine.changes.chains.update((names.CHAIN_FROM_DISPATCH, names.CHAIN_TO_DISPATCH))
-        for raw_policy in inputs.policies:
-            engine.set_policy(raw_policy)
+        parsed = [parse_policy(raw) for raw in inputs.policies]
+        for policy in parsed:  # every verdict first: admission in key order needs them all
+            engine.ledger.take(policy, settle=False)
+        engine.ledger.settle()
+        for policy in parsed:
+            engine._store_policy(policy)
         return engine
 
     def take_changes(self) -> Changes:
@@ -164,9 +177,19 @@ class PolicyEngine:
         ipsets[names.IPSET_HOST] = host_set(self.node_ips)
         plans = {plan.chain: plan for plan in self.plans.values()}
         endpoints = [self.ep_plans[h] for h in sorted(self.ep_plans)]
-        policies = sorted(self.policies.values(), key=lambda p: (p.namespace, p.name))
-        return Calculation(ipsets, dict(sorted(plans.items())), endpoints, problems_of(policies), names.IPSET_HOST,
+        return Calculation(ipsets, dict(sorted(plans.items())), endpoints, self.problems(), names.IPSET_HOST,
                            [unknown_pod_warning(ep) for ep in endpoints if ep.unknown_pod])
+
+    def enforced(self, key: str) -> Policy:
+        """The policy as enforced: as parsed, or invalid (no rules) when over budget."""
+        policy = self.policies[key]
+        reason = self.ledger.reason(key)
+        return policy if reason is None else over_budget(policy, reason)
+
+    def problems(self) -> list[PolicyProblem]:
+        """Invalid policies (as parsed or over budget), in namespace/name order."""
+        keys = sorted(self.policies, key=lambda k: (self.policies[k].namespace, self.policies[k].name))
+        return problems_of(self.enforced(k) for k in keys)
 
     def namespace_labels(self, name: str) -> dict[str, str]:
         return self.ns_labels.get(name) or default_namespace_labels(name)
@@ -350,6 +373,11 @@ class PolicyEngine:
         old = self.policies.get(policy.key)
         if old == policy:
             return
+        verdicts = self.ledger.take(policy)
+        self._store_policy(policy)
+        self._verdicts_changed(verdicts - {policy.key})
+
+    def _store_policy(self, policy: Policy) -> None:
         self.policies[policy.key] = policy
         self.policies_by_ns.setdefault(policy.namespace, {})[policy.key] = policy
         self._policy_changed(policy.namespace, policy.key)
@@ -358,8 +386,16 @@ class PolicyEngine:
         policy = self.policies.pop(key, None)
         if policy is None:
             return
+        verdicts = self.ledger.remove(key)
         _discard(self.policies_by_ns, policy.namespace, key)
         self._policy_changed(policy.namespace, key)
+        self._verdicts_changed(verdicts - {key})
+
+    def _verdicts_changed(self, keys: Iterable[str]) -> None:
+        """Other policies whose budget verdict changed (the node's budget): re-planned where used."""
+        for key in sorted(keys):
+            if key in self.policies:
+                self._policy_changed(self.policies[key].namespace, key)
 
     def _policy_changed(self, namespace: str, key: str) -> None:
         for direction in DIRECTIONS:  # a used plan of this policy is re-planned in place (its chain name stays)
@@ -412,9 +448,8 @@ class PolicyEngine:
                 self.changes.chains.add(old.chain)
 
     def _replan(self, key: tuple[str, str], direction: str) -> None:
-        policy = self.policies.get(key[0])
-        if policy is not None:
-            self._set_plan(key, self._plan_defs(policy, direction))
+        if key[0] in self.policies:
+            self._set_plan(key, self._plan_defs(self.enforced(key[0]), direction))
         # a deleted policy's plan goes when its last endpoint stops using it (_refresh_endpoint)
 
     def _unuse_plan(self, policy_key: str, direction: str) -> None:
@@ -457,7 +492,7 @@ class PolicyEngine:
         if old == new:
             return
         for policy_key, direction in _plan_keys(new, self.chain_plan_key_of(candidates)):
-            self._use_plan(self.policies[policy_key], direction)
+            self._use_plan(self.enforced(policy_key), direction)
         if old is not None:
             self._release(old)
         self.ep_plans[host_ifname] = new

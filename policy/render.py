@@ -6,7 +6,9 @@ Layout (Felix-style), the same chains (same names) in each family's own table:
   INPUT   -> rtd-INPUT: the same from-workload dispatch for traffic a pod sends to the node.
   dispatch chains end in DROP: an `rtd+` interface without chains carries nothing (fail closed).
   per endpoint: rtd-fw-* (anti-spoofing, egress policies), rtd-tw-* (ingress policies);
-  per policy direction: rtd-pi-* / rtd-pe-*, whose rules set the accept mark.
+  per policy direction: rtd-pi-* / rtd-pe-*, whose rules set the accept mark: one rule per port alternative of
+  each NetworkPolicy rule (calc.RuleMatch), the peer matched by one set (a selector set, the rule's ipBlock set,
+  or the list:set of those), so a rule's cost is the sum of its peers and ports, never their product.
 
 One code path for both families, parameterised by `family` (4 gives exactly the IPv4-only output): rules name
 each set by its family's kernel name (names.family_ipset_name), anti-spoofing is /32 or /128 over the pod's
@@ -29,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from policy import names
-from policy.calc import Calculation, EndpointPlan, PolicyPlan, RuleMatch, family_ips
+from policy.calc import Calculation, EndpointPlan, PolicyPlan, PortMatch, RuleMatch, family_ips, run_text
 from policy.incremental import PolicyEngine
 
 ACCEPT_MARK = 0x40000
@@ -80,20 +82,34 @@ def _mark(value: int) -> str:
     return f"0x{value:x}/0x{value:x}"
 
 
-def policy_rule(direction: str, rm: RuleMatch, family: int = 4) -> str:
-    parts: list[str] = []
-    if rm.protocol:
-        parts.append(f"-p {rm.protocol.lower()}")
+def _port_parts(pm: PortMatch, family: int) -> list[str]:
+    proto = pm.protocol.lower()
+    parts = [f"-p {proto}"]
+    if pm.named_port_set:
+        parts.append(f"-m set --match-set {names.family_ipset_name(pm.named_port_set, family)} dst,dst")
+    elif pm.port_set:
+        parts.append(f"-m set --match-set {names.family_ipset_name(pm.port_set, family)} dst")
+    elif len(pm.ranges) == 1:
+        parts.append(f"-m {proto} --dport {run_text(*pm.ranges[0], sep=':')}")
+    elif pm.ranges:
+        parts.append(f"-m multiport --dports {','.join(run_text(lo, hi, sep=':') for lo, hi in pm.ranges)}")
+    return parts
+
+
+def policy_rules(direction: str, rm: RuleMatch, family: int = 4) -> list[str]:
+    """One NetworkPolicy rule: a rule per port alternative (one when any port), each matching the peer set."""
+    peer: list[str] = []
     if rm.peer_set:
         peer_set = names.family_ipset_name(rm.peer_set, family)
-        parts.append(f"-m set --match-set {peer_set} {'src' if direction == 'Ingress' else 'dst'}")
-    if rm.named_port_set:
-        parts.append(f"-m set --match-set {names.family_ipset_name(rm.named_port_set, family)} dst,dst")
-    if rm.port is not None and rm.protocol:
-        port = f"{rm.port}:{rm.end_port}" if rm.end_port else str(rm.port)
-        parts.append(f"-m {rm.protocol.lower()} --dport {port}")
-    parts.append(f"-j MARK --set-xmark {_mark(ACCEPT_MARK)}")
-    return " ".join(parts)
+        peer.append(f"-m set --match-set {peer_set} {'src' if direction == 'Ingress' else 'dst'}")
+    accept = f"-j MARK --set-xmark {_mark(ACCEPT_MARK)}"
+    if rm.ports is None:
+        return [" ".join([*peer, accept])]
+    out = []
+    for pm in rm.ports:
+        parts = _port_parts(pm, family)
+        out.append(" ".join([parts[0], *peer, *parts[1:], accept]))  # protocol, peer, port: as before
+    return out
 
 
 def _deny(opts: RenderOptions, ep: EndpointPlan, what: str) -> list[str]:
@@ -198,7 +214,7 @@ def endpoint_chains(ep: EndpointPlan, opts: RenderOptions, family: int = 4) -> d
 
 
 def policy_chain_rules(plan: PolicyPlan, family: int = 4) -> list[str]:
-    return [policy_rule(plan.direction, rm, family) for rm in plan.rules]
+    return [rule for rm in plan.rules for rule in policy_rules(plan.direction, rm, family)]
 
 
 def hooks() -> dict[str, RenderedRule]:

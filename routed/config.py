@@ -16,6 +16,21 @@ ENV_PREFIX = "ROUTED_"
 NOT_SETTINGS = frozenset({"ROUTED_SOCKET", "ROUTED_FAILPOINTS"})
 
 
+class PolicyBudgetOptions(BaseModel):
+    """What NetworkPolicies may cost on a node (policy.calc.PolicyBudget: rules per family table, distinct ipsets,
+    static set entries). A policy over its own budget, or beyond the node's (policies admitted in namespace/name
+    order), is reported invalid and only the pods it selects fail closed. The defaults keep a node well inside
+    the DaemonSet's 512Mi (bench/policy_worst.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy_rules: int = Field(2_000, ge=1)
+    policy_sets: int = Field(200, ge=1)
+    policy_members: int = Field(100_000, ge=1)
+    node_rules: int = Field(50_000, ge=1)
+    node_sets: int = Field(10_000, ge=1, le=32_000)  # each set once per family; the kernel holds 65,534 at most
+    node_members: int = Field(500_000, ge=1)
+
+
 class PolicyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
@@ -29,6 +44,7 @@ class PolicyOptions(BaseModel):
     # ip6tables and the kernel's IPv6 exist, whether or not pods have IPv6 addresses (a pod without one gets IPv6
     # anti-spoofing: it cannot speak IPv6 unpoliced). [4] leaves IPv6 unfiltered (logged as a warning).
     ip_families: list[Literal[4, 6]] | None = Field(None, min_length=1)
+    budget: PolicyBudgetOptions = PolicyBudgetOptions()  # ROUTED_POLICY__BUDGET__NODE_RULES=... (environment)
 
     @field_validator("ip_families", mode="before")
     @classmethod

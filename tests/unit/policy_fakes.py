@@ -81,8 +81,7 @@ class FakeKernel:
         for line in lines:
             verb, name, *rest = line.split()
             if verb == "create" and name not in self.sets:
-                family = 6 if rest[rest.index("family") + 1] == "inet6" else 4
-                self.sets[name] = ipsets_mod.ActualSet(name, rest[0], set(), family)
+                self.sets[name] = ipsets_mod.ActualSet(name, rest[0], set(), ipsets_mod.set_family(name, rest[1:]))
             elif verb == "add":
                 self.sets[name].members.add(" ".join(rest))
             elif verb == "del":

@@ -103,8 +103,9 @@ def test_full_apply_per_family_then_second_apply_writes_nothing(monkeypatch):
     assert sets[names.IPSET_HOST].family == 4 and sets[names.IPSET_HOST].members == {"192.168.0.1"}
     v4_sets = {n for n, s in sets.items() if s.family == 4}
     assert {names.family_ipset_name(n, 6) for n in v4_sets} == {n for n, s in sets.items() if s.family == 6}
-    net6 = [s for s in sets.values() if s.family == 6 and s.kind == "hash:net"]
-    assert sorted(sorted(s.members) for s in net6) == [[], ["8000::/1", "::/1", "fd00:1::/64 nomatch"]]
+    nets = [s for s in sets.values() if s.kind == "hash:net"]  # the rule's ipBlocks: one set, per family
+    assert sorted((s.family, sorted(s.members)) for s in nets) == [
+        (4, ["10.0.0.0/8"]), (6, ["8000::/1", "::/1", "fd00:1::/64 nomatch"])]
     port6 = next(s for s in sets.values() if s.family == 6 and s.kind == "hash:ip,port")
     assert port6.members == {"fd00::1,tcp:80"}
     assert report.ipsets == len(sets) and report.rules == sum(len(r) for t in kernel.tables.values()

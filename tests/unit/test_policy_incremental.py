@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from policy.calc import Calculation, PolicyInputs, calculate
+from policy.calc import Calculation, PolicyBudget, PolicyInputs, calculate
 from policy.incremental import Changes, PolicyEngine
 from policy.names import FAMILIES
 from policy.render import RenderOptions, render, render_chains
@@ -91,7 +91,7 @@ def inputs_of(engine: PolicyEngine, policies: dict[str, dict[str, Any]]) -> Poli
     namespaces = [Namespace(n, {k: v for k, v in lbl.items() if k != "kubernetes.io/metadata.name"})
                   for n, lbl in engine.ns_labels.items()]
     return PolicyInputs(namespaces, list(engine.raw_pods.values()), list(policies.values()),
-                        list(engine.endpoints.values()), list(engine.node_ips))
+                        list(engine.endpoints.values()), list(engine.node_ips), engine.ledger.budget)
 
 
 def apply(engine: PolicyEngine, policies: dict[str, dict[str, Any]], event: tuple[str, Any]) -> None:
@@ -177,7 +177,22 @@ _TWO_VALUE_IN = ("policy", {"metadata": {"name": "q1", "namespace": "a"}, "spec"
 @example([_TWO_VALUE_IN, ("endpoint", Endpoint("c2", "eth0", "", ENDPOINTS[1], (IPS[2],), "a", "p2")),
           ("ns", Namespace("a", {}))])
 def test_incremental_equals_full_after_every_event(sequence):
-    engine, policies = PolicyEngine(), {}
+    check_incremental_equals_full(sequence, PolicyEngine())
+
+
+# so small that policies go over their own budget and over the node's: an event on one policy changes whether
+# others are admitted (in namespace/name order)
+TIGHT = PolicyBudget(policy_rules=4, policy_sets=6, policy_members=6, node_rules=2, node_sets=3, node_members=3)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(events, min_size=1, max_size=40))
+def test_incremental_equals_full_with_a_tight_budget(sequence):
+    check_incremental_equals_full(sequence, PolicyEngine(budget=TIGHT))
+
+
+def check_incremental_equals_full(sequence: list[tuple[str, Any]], engine: PolicyEngine) -> None:
+    policies: dict[str, dict[str, Any]] = {}
     previous = calculate(inputs_of(engine, policies))
     # each family's chains, kept up to date from the changed chains only, as the dataplane does
     chains = {family: render(previous, family=family).chains for family in FAMILIES}

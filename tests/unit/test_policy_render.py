@@ -102,7 +102,9 @@ def test_ipv4_rendering_unchanged():
     digest = hashlib.sha256("\n".join(f"{c} {r.hash} {r.body}" for c, rules in ruleset.chains.items()
                                       for r in rules).encode()).hexdigest()[:16]
     assert ruleset.chains[names.CHAIN_FORWARD][0].hash == "7mp72rjwnnhjkldp"
-    assert digest == "323dfee83cd4062c"  # computed by the IPv4-only code
+    # computed by the IPv4-only code, then by the one without peer x port products (a rule with several peers
+    # matches their list:set)
+    assert digest == "7d937215614c731c"
     assert render(calculate(world(100, POLICIES, 10)), family=4).chains == ruleset.chains
 
 
@@ -121,10 +123,17 @@ def test_ipv6_rules_reference_v6_sets_and_v4_rules_v4_sets():
     calc = dual()
     r4, r6 = render(calc, family=4), render(calc, family=6)
     assert set(r4.chains) == set(r6.chains) and r4.hooks == r6.hooks  # same chain names, own table each
-    policy_chain = next(iter(calc.policies))
+    policy_chain, plan = next(iter(calc.policies.items()))
+    (rule,) = plan.rules
+    assert rule.peer_set is not None and calc.ipsets[rule.peer_set].kind == "list:set"
+    referenced = {rule.peer_set} | {p.named_port_set for p in rule.ports or () if p.named_port_set}
     for ruleset, family in ((r4, 4), (r6, 6)):
         used = {w for b in _bodies(ruleset, policy_chain) for w in b.split() if w.startswith("rtd")}
-        assert used == {names.family_ipset_name(n, family) for n in calc.ipsets if n != names.IPSET_HOST}
+        assert used == {names.family_ipset_name(n, family) for n in referenced}
+        # the list:set holds the family's sets: the selector set and the one set of the rule's ipBlocks
+        assert calc.ipsets[rule.peer_set].for_family(family).members == {
+            names.family_ipset_name(n, family) for n in calc.ipsets
+            if calc.ipsets[n].kind in ("hash:ip", "hash:net") and n != names.IPSET_HOST}
     assert "--match-set rtd6-host-ips src -j RETURN" in _bodies(r6, names.CHAIN_TO_DISPATCH)[0]
     assert "--match-set rtd-host-ips src -j RETURN" in _bodies(r4, names.CHAIN_TO_DISPATCH)[0]
 
@@ -167,17 +176,15 @@ def test_icmpv6_rules_in_the_ipv6_fixed_chains_only():
 
 def test_ip_block_sets_split_by_family_and_zero_prefix():
     calc = dual()
-    nets = {s.description: s for s in calc.ipsets.values() if s.kind == "hash:net"}
-    v4 = nets["net|10.0.0.0/8!10.9.0.0/16"]
-    any6 = nets["net|::/0!fd00:1::/64"]
-    only6 = nets["net|fd00:2::/48"]
-    assert any6.members == {"::/1", "8000::/1", "fd00:1::/64 nomatch"}  # hash:net cannot hold ::/0
-    assert v4.for_family(6).members == frozenset() and v4.for_family(4).members == v4.members
-    assert any6.for_family(4).members == frozenset() and only6.for_family(4).members == frozenset()
-    assert only6.for_family(6).members == {"fd00:2::/48"}
-    assert any6.for_family(6).name == names.family_ipset_name(any6.name, 6) and any6.for_family(6).family == 6
-    assert any6.contains("2001:db8::1") and not any6.contains("fd00:1::5") and not any6.contains("10.1.2.3")
-    assert v4.contains("10.1.2.3") and not v4.contains("fd00:2::1")
+    (net,) = [s for s in calc.ipsets.values() if s.kind == "hash:net"]  # the rule's three ipBlocks: one set
+    assert net.description == "net|10.0.0.0/8!10.9.0.0/16,::/0!fd00:1::/64,fd00:2::/48"
+    # hash:net cannot hold ::/0: its halves; fd00:2::/48 adds nothing to ::/0 (and is not written)
+    assert net.members == {"10.0.0.0/8", "10.9.0.0/16 nomatch", "::/1", "8000::/1", "fd00:1::/64 nomatch"}
+    assert net.for_family(4).members == {"10.0.0.0/8", "10.9.0.0/16 nomatch"}
+    assert net.for_family(6).members == {"::/1", "8000::/1", "fd00:1::/64 nomatch"}
+    assert net.for_family(6).name == names.family_ipset_name(net.name, 6) and net.for_family(6).family == 6
+    assert net.contains("2001:db8::1") and not net.contains("fd00:1::5") and net.contains("fd00:2::1")
+    assert net.contains("10.1.2.3") and not net.contains("10.9.2.3") and not net.contains("192.168.1.1")
     zero4 = calculate(PolicyInputs([Namespace("x")], DUAL, [pol("z", {"podSelector": {}, "ingress": [
         {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}, ns="x")], DUAL_EPS, []))
     net = next(s for s in zero4.ipsets.values() if s.kind == "hash:net")
