@@ -3,6 +3,9 @@
 Tasks: `bgp` (the reconciler: Node, BGPPeer, BGPConfiguration and Secret changes and the periodic resync mark
 it dirty; a failed update is retried with backoff), plus the manager's `exabgp` (the ExaBGP child) and
 `bgp-routes` (learned routes → kernel). All three restart on failure and are required.
+
+Everything this component publishes (readiness reasons, status, the node status) passes the speaker's Redactor
+once more (routed/bgp/redact.py): no configured password, in any spelling, leaves it.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class BgpComponent:
         self.supervisor = supervisor
         self.manager = BgpManager(node_name, state_dir, run_dir, options, supervisor=supervisor)
         self.reconciler = Reconciler("bgp", self._apply, Backoff(base=0.5, cap=30.0))
-        self._collector = BgpCollector(self.manager)
+        self._collector = BgpCollector(self)
+        self._redactor = self.manager.speaker.redactor
 
     async def start(self) -> None:
         metrics.REGISTRY.register(self._collector)
@@ -79,15 +83,29 @@ class BgpComponent:
     # -- views --------------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
         if self.reconciler.failures:
-            return False, f"update failing ({self.reconciler.failures} in a row): {self.reconciler.last_error}"
-        return self.manager.ready()
+            return False, self._redactor.clean(
+                f"update failing ({self.reconciler.failures} in a row): {self.reconciler.last_error}")
+        ok, why = self.manager.ready()
+        return ok, self._redactor.clean(why)
 
     def status(self) -> BgpStatus:
         status = self.manager.status()
-        status["updateError"] = self.reconciler.last_error
+        clean = self._redactor.clean
+        status["errors"] = [clean(e) for e in [*status["errors"], *self.manager.speaker.errors()]]
+        status["updateError"] = clean(self.reconciler.last_error)
+        status["reason"] = clean(status["reason"])
+        for peer in status["peers"]:
+            peer["lastError"] = clean(peer["lastError"])
         if self.reconciler.failures:
             status["ready"], status["reason"] = self.ready()
         return status
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The manager's metrics and the speaker's guard counters (routed/bgp/metrics.py)."""
+        speaker = self.manager.speaker
+        return {**self.manager.metrics_snapshot(),
+                "routed_bgp_commands_refused_total": speaker.commands.refused,
+                "routed_bgp_peers_refused": len(speaker.refused)}
 
     def node_status(self) -> dict[str, Any]:
         """This component's part of the RoutedNodeStatus object (sessions, prefixes actually advertised)."""

@@ -27,6 +27,8 @@ HELP = {
     "routed_bgp_routes_installed": "Kernel routes with the BGP protocol number",
     "routed_bgp_route_apply_errors_total": "Route table applies that had errors",
     "routed_bgp_config_errors": "BGPPeer/BGPConfiguration objects that failed validation for this node",
+    "routed_bgp_commands_refused_total": "Lines refused by the ExaBGP command sink (control character, outside the grammar)",
+    "routed_bgp_peers_refused": "Peers left out of ExaBGP's config: a value outside its grammar (see bgp status errors)",
     "routed_bgp_service_prefixes": "Service prefixes this node announces (configured CIDRs and Service /32s)",
     "routed_bfd_session_up": "1 when the BFD session to the peer is Up",
     "routed_bfd_session_downs_total": "BFD Up -> Down transitions per peer",

@@ -10,6 +10,10 @@
   `next-hop self`, which cannot cross families and sends 0.0.0.0); a prefix of a family the session does not
   carry, or has no next hop for, is not announced. Withdrawals name the same next hop. On every session up the
   peer's announcements are replayed and End-of-RIB is sent for every negotiated family (manual-eor).
+- What ExaBGP receives: its config from routed.bgp.exabgp_conf (a peer with a value outside the grammar is left
+  out and named in `refused`; written 0600 in a 0700 directory, routed.private_files), commands built by
+  routed.bgp.announce and written only through one routed.bgp.commands.CommandSink. What comes back (its log
+  lines, the reason it exited) goes through routed.bgp.redact before it is logged or shown anywhere.
 - Per family where it matters: the negotiated families are ours ∩ those of the peer's OPEN; End-of-RIB is
   tracked per family (received and sent), and a family's End-of-RIB drops that family's stale routes (graceful
   restart); the stale timer ends only when every negotiated family has sent one.
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import shutil
@@ -35,10 +38,14 @@ from typing import Any
 
 from routed.api_types import BgpPeerStatus
 from routed.backoff import Backoff
-from routed.bgp import exabgp_conf
-from routed.bgp.config import PeerConfig, SpeakerConfig, first_addresses, unusable_next_hop
+from routed.bgp import announce, exabgp_conf
+from routed.bgp.announce import Announcement
+from routed.bgp.commands import CommandSink
+from routed.bgp.config import BgpConfigError, PeerConfig, SpeakerConfig, first_addresses
+from routed.bgp.redact import Redactor
 from routed.bgp.rib import AdjRibOut, Filters, Message, Rib, parse_message
 from routed.bgp.services import CONFIG_FIELDS, Advertisement
+from routed.private_files import private_dir, write_private
 from routed.supervisor import Liveness, Supervisor
 
 log = logging.getLogger(__name__)
@@ -50,7 +57,6 @@ FAILURES_NOT_READY = 3
 RELOAD_ATTEMPTS = 3
 RELOAD_CONFIRM_SECONDS = 5.0
 RELOAD_CONFIRMED = "loaded new configuration successfully"
-CEASE_BFD_DOWN = 6  # NOTIFICATION Cease subcode "Other Configuration Change" (RFC 4486) when BFD says down
 
 
 AFI_FAMILY = {"ipv4": 4, "ipv6": 6}
@@ -75,16 +81,6 @@ def _unicast_families(names: tuple[str, ...]) -> tuple[int, ...]:
         if safi == "unicast" and afi in AFI_FAMILY:
             out.append(AFI_FAMILY[afi])
     return tuple(sorted(set(out)))
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """One prefix as announced to one peer: the exact command sent and the withdrawal that matches it."""
-
-    prefix: str
-    next_hop: str
-    command: str
-    withdraw: str
 
 
 def child_command(argv: list[str]) -> list[str]:
@@ -144,7 +140,9 @@ class Speaker:
         self.exabgp = exabgp or default_exabgp()
         self.listen_port = listen_port
         self.socket_path = os.path.join(run_dir, "exabgp-api.sock")
-        self.conf_path = os.path.join(run_dir, "exabgp.conf")
+        self.conf_dir = os.path.join(run_dir, "exabgp")  # 0700: the config holds the MD5 passwords
+        self.conf_path = os.path.join(self.conf_dir, "exabgp.conf")  # 0600
+        self.legacy_conf_path = os.path.join(run_dir, "exabgp.conf")  # where older versions wrote it, 0644
         self.pid_path = os.path.join(run_dir, "exabgp.pid")
         self.cfg: SpeakerConfig | None = None
         self.rib = Rib()
@@ -156,7 +154,11 @@ class Speaker:
         self.last_exit = ""
         self.log_tail: deque[str] = deque(maxlen=200)
         self._proc: asyncio.subprocess.Process | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self.commands = CommandSink()  # the only writer of ExaBGP's API
+        self.redactor = Redactor()  # every line of ExaBGP's output passes through it
+        self.refused: dict[str, str] = {}  # peer address -> why it is not in ExaBGP's config (exabgp_conf)
+        self.config_refusals: list[str] = []  # every peer refused by the renderer (duplicates included)
+        self.announce_errors: dict[str, str] = {}  # peer address -> why an announcement to it was not built
         self._server: asyncio.AbstractServer | None = None
         self._restart = asyncio.Event()
         self._reload_wanted = asyncio.Event()
@@ -169,12 +171,15 @@ class Speaker:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
-        self.counters: dict[str, int] = {"updates_received": 0, "updates_sent": 0, "commands_sent": 0}
+        self.counters: dict[str, int] = {"updates_received": 0, "updates_sent": 0}
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        private_dir(self.conf_dir)
         self._kill_leftover()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.legacy_conf_path)  # world-readable, with the passwords of an older version
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(self._on_bridge, path=self.socket_path)
@@ -189,7 +194,7 @@ class Speaker:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return
-        if self.conf_path.encode() in cmdline:
+        if self.conf_path.encode() in cmdline or self.legacy_conf_path.encode() in cmdline:
             log.warning("killing leftover ExaBGP pid %d", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -197,7 +202,7 @@ class Speaker:
     async def stop(self, graceful: bool = True) -> None:
         self._stopping = True
         self.supervisor.retire("exabgp")  # its loop ends once ExaBGP is gone: expected now
-        if graceful and self._writer is not None:
+        if graceful and self.commands.connected:
             for peer in self.peers.values():
                 for ann in peer.announced.values():
                     self._send(ann.withdraw)
@@ -230,7 +235,14 @@ class Speaker:
 
     # -- configuration ----------------------------------------------------------------------------
     def configure(self, cfg: SpeakerConfig) -> None:
+        """Apply `cfg`. BgpConfigError (nothing changed) when a node-wide value cannot be given to ExaBGP; a peer
+        whose values cannot is left out of ExaBGP's config and named in `refused` (the others are configured)."""
         old = self.cfg
+        rendered = None
+        if old is None or old.session_key() != cfg.session_key():
+            rendered = exabgp_conf.render_config(cfg, self.socket_path)
+        exabgp_conf.environment(cfg, self.listen_port, self.pid_path)  # its values checked before anything changes
+        self.redactor.remember(p.password for p in cfg.peers)
         self.cfg = cfg
         self.rib.set_filters(Filters(
             own_asn=cfg.asn, own_cidrs=cfg.pod_cidrs, own_addresses=cfg.local_addresses,
@@ -249,8 +261,9 @@ class Speaker:
                 self.peers[addr] = PeerState(address=addr, asn=p.asn, name=p.name, families=p.families)
             else:
                 st.asn, st.name, st.families = p.asn, p.name, p.families
-        if old is None or old.session_key() != cfg.session_key():
-            Path(self.conf_path).write_text(exabgp_conf.render(cfg, self.socket_path))
+        if rendered is not None:
+            self._set_refused(rendered)
+            write_private(os.path.join(private_dir(self.conf_dir), "exabgp.conf"), rendered.text)
             if old is not None and self.running and restart_key(old) == restart_key(cfg):
                 # peers added, removed or changed: ExaBGP's reload keeps every unchanged session up
                 log.info("ExaBGP config written (%d peers); reloading ExaBGP", len(cfg.peers))
@@ -289,6 +302,17 @@ class Speaker:
                 log.error("ExaBGP ignored %d reloads: restarting it", RELOAD_ATTEMPTS)
                 self._restart.set()
 
+    def _set_refused(self, rendered: exabgp_conf.Rendered) -> None:
+        for _, why in rendered.refused:
+            if why not in self.config_refusals:
+                log.error("BGP: %s", why)
+        self.config_refusals = [why for _, why in rendered.refused]
+        self.refused = {addr: why for addr, why in rendered.refused if addr not in rendered.peers}
+
+    def errors(self) -> list[str]:
+        """Peers left out of ExaBGP's config and announcements not built, each naming its peer."""
+        return sorted(set(self.config_refusals) | set(self.announce_errors.values()))
+
     def set_service_routes(self, routes: dict[str, Advertisement]) -> None:
         """The Service prefixes to announce from now on (announced and withdrawn over the API, per peer)."""
         if routes != self.service_routes:
@@ -305,36 +329,36 @@ class Speaker:
 
     def desired_announcements(self, peer: PeerConfig) -> dict[str, Announcement]:
         """Prefix -> announcement for one peer: pod CIDRs and Service prefixes of the families the session
-        carries, each with the peer's explicit next hop of the prefix's family (none: not announced)."""
+        carries, each with the peer's explicit next hop of the prefix's family (none: not announced).
+        A prefix whose command cannot be built (a value outside routed.bgp.grammar) is left out and the first
+        such error is kept in `announce_errors` by peer."""
         assert self.cfg is not None
         out: dict[str, Announcement] = {}
+        errors: list[str] = []
         wanted: list[tuple[str, tuple[str, ...]]] = [(cidr, self.cfg.communities) for cidr in self.cfg.pod_cidrs]
         wanted += [(prefix, self.cfg.communities + adv.communities) for prefix, adv in sorted(self.service_routes.items())]
         for prefix, communities in wanted:
-            family = ipaddress.ip_network(prefix, strict=False).version
-            next_hop = peer.next_hop(family) if family in peer.families else ""
-            if not next_hop or unusable_next_hop(next_hop) or ipaddress.ip_address(next_hop).version != family:
-                continue  # config.resolve reported a missing next hop by BGPPeer name
-            std = [c for c in communities if c.count(":") == 1]
-            large = [c for c in communities if c.count(":") == 2]
-            cmd = f"neighbor {peer.address} announce route {prefix} next-hop {next_hop}"
-            if std:
-                cmd += f" community [ {' '.join(std)} ]"
-            if large:
-                cmd += f" large-community [ {' '.join(large)} ]"
-            out[prefix] = Announcement(prefix, next_hop, cmd, self._withdraw_cmd(peer.address, prefix, next_hop))
+            try:
+                ann = announce.announcement(peer, prefix, communities)
+            except BgpConfigError as exc:
+                errors.append(exc.msg)
+                continue
+            if ann is not None:  # None: config.resolve reported a missing next hop by BGPPeer name
+                out[ann.prefix] = ann
+        if errors:
+            if self.announce_errors.get(peer.address) != errors[0]:
+                log.error("BGP: %s%s", errors[0], f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+            self.announce_errors[peer.address] = errors[0]
+        else:
+            self.announce_errors.pop(peer.address, None)
         return out
-
-    @staticmethod
-    def _withdraw_cmd(peer: str, prefix: str, next_hop: str) -> str:
-        return f"neighbor {peer} withdraw route {prefix} next-hop {next_hop}"
 
     def _sync_announcements(self, only: str | None = None, replay: bool = False) -> None:
         """Bring each peer's announcements to the desired set (replay: resend everything)."""
-        if self.cfg is None or self._writer is None:
+        if self.cfg is None or not self.commands.connected:
             return
         for p in self.cfg.peers:
-            if only is not None and p.address != only:
+            if (only is not None and p.address != only) or p.address in self.refused:
                 continue
             st = self.peers[p.address]
             want = self.desired_announcements(p)
@@ -349,11 +373,7 @@ class Speaker:
                     st.announced[prefix] = ann
 
     def _send(self, line: str) -> None:
-        if self._writer is None:
-            return
-        log.debug("-> exabgp: %s", line)
-        self._writer.write((line + "\n").encode())
-        self.counters["commands_sent"] += 1
+        self.commands.send(line)
 
     # -- ExaBGP process ---------------------------------------------------------------------------
     async def _supervise(self, liveness: Liveness) -> None:
@@ -364,15 +384,19 @@ class Speaker:
                 await self._restart.wait()
                 continue
             self._restart.clear()
-            env = dict(os.environ)
-            env.update(exabgp_conf.environment(self.cfg, self.listen_port, self.pid_path))
             started = time.monotonic()
             try:
+                env = dict(os.environ)
+                env.update(exabgp_conf.environment(self.cfg, self.listen_port, self.pid_path))
                 self._proc = await asyncio.create_subprocess_exec(
                     *child_command([self.exabgp, self.conf_path]), env=env, cwd=self.run_dir,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT, process_group=0,
                 )
+            except BgpConfigError as e:  # configure() checked the same values: not expected
+                self.last_exit = e.msg
+                log.error("%s", self.last_exit)
+                self.failures += 1
             except OSError as e:
                 self.last_exit = f"cannot start {self.exabgp}: {e}"
                 log.error("%s", self.last_exit)
@@ -401,8 +425,8 @@ class Speaker:
                     self.failures = 0
                     continue
                 ran = time.monotonic() - started
-                self.last_exit = f"ExaBGP exited with {code} after {ran:.1f}s: " + " | ".join(
-                    list(self.log_tail)[-3:])
+                self.last_exit = self.redactor.clean(f"ExaBGP exited with {code} after {ran:.1f}s: " + " | ".join(
+                    list(self.log_tail)[-3:]), 600)
                 log.warning("%s", self.last_exit)
                 if ran > STABLE_AFTER:
                     backoff.reset()
@@ -417,7 +441,7 @@ class Speaker:
             line = await proc.stdout.readline()
             if not line:
                 return
-            text = line.decode(errors="replace").rstrip()
+            text = self.redactor.clean(line.decode("utf-8", errors="replace").rstrip())
             if not text:
                 continue
             self.log_tail.append(text)
@@ -431,13 +455,11 @@ class Speaker:
         for addr, st in self.peers.items():
             if addr in text and any(w in low for w in ("fail", "error", "refused", "timed out", "timeout",
                                                         "closing", "notification")):
-                st.last_error = text.split(None, 1)[-1][:300]
+                st.last_error = text.split(None, 1)[-1][:300]  # `text` is clean (redacted, escaped)
 
     def _on_exabgp_gone(self) -> None:
         self._proc = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.commands.detach()
         now = time.time()
         for st in self.peers.values():
             if st.state in ("established", "connected"):
@@ -446,9 +468,7 @@ class Speaker:
 
     # -- bridge -----------------------------------------------------------------------------------
     async def _on_bridge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = writer
+        self.commands.attach(writer)
         log.info("ExaBGP API bridge connected")
         for st in self.peers.values():
             st.announced.clear()
@@ -463,8 +483,7 @@ class Speaker:
                 except Exception:
                     log.exception("cannot handle ExaBGP message %r", line[:300])
         finally:
-            if self._writer is writer:
-                self._writer = None
+            self.commands.detach(writer)
             writer.close()
 
     # -- messages ---------------------------------------------------------------------------------
@@ -482,7 +501,7 @@ class Speaker:
                 self._sync_announcements(only=st.address, replay=True)
                 self._send_eor(st)
             elif msg.state == "down":
-                st.last_error = msg.reason or st.last_error
+                st.last_error = self.redactor.clean(msg.reason, 300) if msg.reason else st.last_error
                 self._peer_down(st, msg.reason, now)
             elif msg.state == "connected":
                 st.set_state("connected", now)
@@ -490,7 +509,7 @@ class Speaker:
             st.gr_time = msg.gr_time or 0
             st.peer_families = _unicast_families(msg.families or ("ipv4 unicast",))
         elif msg.type == "notification" and st is not None:
-            st.last_error = f"notification: {msg.reason}"
+            st.last_error = self.redactor.clean(f"notification: {msg.reason}", 300)
         elif msg.type == "update" and st is not None:
             if msg.direction == "send":
                 if msg.eor is None:
@@ -528,7 +547,7 @@ class Speaker:
         if st is not None:
             st.last_error = f"BFD down ({diag})"
             if st.state == "established":
-                self._send(f"neighbor {address} teardown {CEASE_BFD_DOWN}")
+                self._send(announce.teardown(address))
         self.changed.set()
 
     def bfd_up(self, address: str) -> None:
@@ -551,8 +570,7 @@ class Speaker:
     def _send_eor(self, st: PeerState) -> None:
         """End-of-RIB for every negotiated family (the announcements were just replayed)."""
         for family in st.negotiated:
-            afi = "ipv4" if family == 4 else "ipv6"
-            self._send(f"neighbor {st.address} announce eor {afi} unicast")
+            self._send(announce.end_of_rib(st.address, family))
             st.eor_sent_families.add(family)
 
     def _peer_down(self, st: PeerState, reason: str, now: float) -> None:
@@ -596,14 +614,14 @@ class Speaker:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self.commands.connected
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def peer_status(self, st: PeerState) -> BgpPeerStatus:
         pc = self.cfg.peer(st.address) if self.cfg else None
-        error = st.last_error
+        error = self.refused.get(st.address) or self.announce_errors.get(st.address) or st.last_error
         if st.state != "established" and pc is not None and pc.password and not error:
             error = "session not established; TCP-MD5 is configured: a password mismatch looks like this"
         elif st.state != "established" and not error and self.last_exit and not self.running:

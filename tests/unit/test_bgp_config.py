@@ -120,7 +120,7 @@ def test_exabgp_render():
     cfg = resolve(node(), [], peers, [conf(gracefulRestartTime=60)], secrets).config
     text = render(cfg, "/run/x.sock", python="/py")
     assert "run /py -m routed.bgp.bridge /run/x.sock;" in text
-    assert 'md5-password "pa\\"ss";' in text
+    assert 'md5-password cGEic3M=;' in text and 'md5-base64 true;' in text
     assert "outgoing-ttl 3;" in text and "incoming-ttl 255;" in text
     assert "graceful-restart 60;" in text and "manual-eor true;" in text
     assert "local-address 10.1.1.2;" in text

@@ -45,7 +45,7 @@ def speaker(tmp_path, pod_cidrs=("10.244.1.0/24",)):
     sp = Speaker(str(tmp_path))
     node = Node(name="n1", pod_cidrs=pod_cidrs, addresses=("10.1.1.2",))
     sp.configure(resolve(node, [node], PEERS, CONFIGS, {}).config)
-    sp._writer = FakeWriter()
+    sp.commands.attach(FakeWriter())
     return sp
 
 
@@ -53,7 +53,7 @@ def test_up_replays_then_eor_and_cidr_change(tmp_path):
     async def run():
         sp = speaker(tmp_path)
         sp.handle(msg(type="state", state="up"), 1.0)
-        w = sp._writer
+        w = sp.commands.transport
         assert w.lines == ["neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
                            "neighbor 10.1.1.1 announce eor ipv4 unicast"]
         w.lines.clear()
@@ -198,10 +198,10 @@ def test_bfd_down_drops_even_graceful_restart_routes_and_tears_the_session_down(
         assert set(sp.desired_routes()) == {"10.244.2.0/24"}
         sp.handle(msg(type="state", state="up"), 3.0)
         sp.handle(upd(announce=["10.244.2.0/24"]), 3.1)
-        sp._writer.lines.clear()
+        sp.commands.transport.lines.clear()
         sp.bfd_down("10.1.1.1", "controlDetectionTimeExpired")
         assert sp.desired_routes() == {} and "10.1.1.1" not in sp._timers
-        assert sp._writer.lines == ["neighbor 10.1.1.1 teardown 6"]
+        assert sp.commands.transport.lines == ["neighbor 10.1.1.1 teardown 6"]
         # the session comes back before BFD does: what it sends stays out of the kernel until BFD is Up
         sp.handle(msg(type="state", state="up"), 4.0)
         sp.handle(upd(announce=["10.244.2.0/24"]), 4.1)
@@ -230,17 +230,17 @@ def test_service_prefixes_announced_and_withdrawn_over_the_api(tmp_path):
     async def run():
         sp = speaker(tmp_path)
         sp.handle(msg(type="state", state="up"), 1.0)
-        sp._writer.lines.clear()
+        sp.commands.transport.lines.clear()
         vip = Advertisement("198.51.100.5/32", "loadBalancerIP", ("demo/web",), ("65000:300",))
         sp.set_service_routes({vip.prefix: vip})
-        assert sp._writer.lines == ["neighbor 10.1.1.1 announce route 198.51.100.5/32 next-hop 10.1.1.2 "
+        assert sp.commands.transport.lines == ["neighbor 10.1.1.1 announce route 198.51.100.5/32 next-hop 10.1.1.2 "
                                     "community [ 65000:100 65000:300 ]"]
         assert sp.route_source("198.51.100.5/32") == "Service demo/web"
-        sp._writer.lines.clear()
+        sp.commands.transport.lines.clear()
         sp.set_service_routes({vip.prefix: vip})  # the same set again: nothing sent
-        assert sp._writer.lines == []
+        assert sp.commands.transport.lines == []
         sp.set_service_routes({})
-        assert sp._writer.lines == ["neighbor 10.1.1.1 withdraw route 198.51.100.5/32 next-hop 10.1.1.2"]
+        assert sp.commands.transport.lines == ["neighbor 10.1.1.1 withdraw route 198.51.100.5/32 next-hop 10.1.1.2"]
     asyncio.run(run())
 
 
@@ -259,7 +259,7 @@ def dual_speaker(tmp_path, node=DUAL, peers=BOTH):
     sp = Speaker(str(tmp_path))
     res = resolve(node, [node], peers, CONFIGS, {})
     sp.configure(res.config)
-    sp._writer = FakeWriter()
+    sp.commands.attach(FakeWriter())
     return sp, res
 
 
@@ -283,10 +283,10 @@ def test_ipv6_over_the_ipv4_session_explicit_next_hops_and_eor_per_family(tmp_pa
         assert res.errors == []
         vip = Advertisement("fd20::5/128", "loadBalancerIP", ("demo/web",), ())
         sp.set_service_routes({vip.prefix: vip})
-        sp._writer.lines.clear()
+        sp.commands.transport.lines.clear()
         sp.handle(msg(type="open", direction="receive", open=V6_OPEN), 0.5)
         sp.handle(msg(type="state", state="up"), 1.0)  # replayed, then End-of-RIB per family
-        w = sp._writer
+        w = sp.commands.transport
         assert w.lines == [
             "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
             "neighbor 10.1.1.1 announce route fd10:1::/64 next-hop fd00:1:1::2 community [ 65000:100 ]",
@@ -319,7 +319,7 @@ def test_peer_without_ipv6_gets_no_ipv6_eor(tmp_path):
     v4_only = {"capabilities": {"1": {"name": "multiprotocol", "families": ["ipv4/unicast"]}}}
     sp.handle(msg(type="open", direction="receive", open=v4_only), 0.5)
     sp.handle(msg(type="state", state="up"), 1.0)
-    assert [line for line in sp._writer.lines if " eor " in line] == ["neighbor 10.1.1.1 announce eor ipv4 unicast"]
+    assert [line for line in sp.commands.transport.lines if " eor " in line] == ["neighbor 10.1.1.1 announce eor ipv4 unicast"]
     st = sp.peers["10.1.1.1"]
     assert st.negotiated == (4,) and st.eor_sent
     sp.handle(msg(type="update", direction="receive", message={"eor": {"afi": "ipv4", "safi": "unicast"}}), 1.1)
@@ -331,7 +331,7 @@ def test_separate_sessions_each_carry_their_own_family(tmp_path):
     assert res.errors == []
     sp.handle(msg(type="state", state="up"), 1.0)
     sp.handle(msg_from("fd00:1:1::1", type="state", state="up"), 1.0)
-    assert sp._writer.lines == [
+    assert sp.commands.transport.lines == [
         "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]",
         "neighbor 10.1.1.1 announce eor ipv4 unicast",
         "neighbor fd00:1:1::1 announce route fd10:1::/64 next-hop fd00:1:1::2 community [ 65000:100 ]",
@@ -345,7 +345,7 @@ def test_family_without_next_hop_is_never_announced(tmp_path):
     assert any(e.startswith("BGPPeer tor: no IPv6 next hop") for e in res.errors)
     sp.set_service_routes({"fd20::5/128": Advertisement("fd20::5/128", "clusterIP", (), ())})
     sp.handle(msg(type="state", state="up"), 1.0)
-    lines = sp._writer.lines
+    lines = sp.commands.transport.lines
     assert not any("fd10:1::/64" in line or "fd20::5" in line for line in lines), lines
     assert lines[0] == "neighbor 10.1.1.1 announce route 10.244.1.0/24 next-hop 10.1.1.2 community [ 65000:100 ]"
     assert_explicit_next_hops(lines)
@@ -362,15 +362,15 @@ def test_announcements_never_use_next_hop_self_or_unspecified(tmp_path):
         (tmp_path / str(k)).mkdir()
         sp = Speaker(str(tmp_path / str(k)))
         sp.configure(resolve(node, [node, other], peers, configs, {}).config)
-        sp._writer = FakeWriter()
+        sp.commands.attach(FakeWriter())
         sp.set_service_routes({"fd20::5/128": Advertisement("fd20::5/128", "clusterIP", (), ()),
                                "192.0.2.5/32": Advertisement("192.0.2.5/32", "clusterIP", (), ())})
         for p in sp.cfg.peers:
             sp.handle(msg_from(p.address, type="state", state="up"), 1.0)
             for ann in sp.desired_announcements(p).values():
                 assert ann.next_hop not in ("", "0.0.0.0", "::") and "self" not in ann.command, ann
-        assert any(" announce route " in line for line in sp._writer.lines), k
-        assert_explicit_next_hops(sp._writer.lines)
+        assert any(" announce route " in line for line in sp.commands.transport.lines), k
+        assert_explicit_next_hops(sp.commands.transport.lines)
 
 
 def test_graceful_restart_stale_routes_per_family(tmp_path):
