@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policy.selectors import Selector, SelectorError, parse_selector
+from routed import validation
 from routed.errors import Code, RoutedError
 
 INGRESS = "Ingress"
@@ -30,7 +31,7 @@ class IpBlock:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_network(self.cidr).version
+        return validation.ip_family(self.cidr)
 
     def contains(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
@@ -89,22 +90,32 @@ class Policy:
         return self.ingress if direction == INGRESS else self.egress
 
 
+def _invalid_cidr(exc: validation.InvalidValue, text: object) -> str:
+    """'<field>: invalid CIDR <text escaped>', with the reason when it says more than that."""
+    head = f"{exc.what}: invalid CIDR {validation.shown(text)}"
+    return head if exc.reason.endswith("is not an IP CIDR") else f"{head} ({exc.reason})"
+
+
 def _parse_ip_block(obj: Any, where: str) -> IpBlock:
     if not isinstance(obj, Mapping):
         raise PolicyError(f"{where}: must be a mapping")
     cidr_text = obj.get("cidr")
-    try:
-        cidr = ipaddress.ip_network(str(cidr_text), strict=False) if cidr_text else None
-    except ValueError as exc:
-        raise PolicyError(f"{where}.cidr: invalid CIDR {cidr_text!r}") from exc
-    if cidr is None:
+    if not cidr_text:
         raise PolicyError(f"{where}.cidr: required")
+    # IPv4-mapped CIDRs stay allowed: a valid (if odd) IPv6 block, matched as such by ip6tables.
+    try:
+        cidr = validation.network(cidr_text, f"{where}.cidr", allow_ipv4_mapped=True)
+    except validation.InvalidValue as exc:
+        raise PolicyError(_invalid_cidr(exc, cidr_text)) from None
+    raw_excepts = obj.get("except") or []
+    if not isinstance(raw_excepts, list):
+        raise PolicyError(f"{where}.except: must be a list")
     excepts: list[str] = []
-    for i, e in enumerate(obj.get("except") or []):
+    for i, e in enumerate(raw_excepts):
         try:
-            net = ipaddress.ip_network(str(e), strict=False)
-        except ValueError as exc:
-            raise PolicyError(f"{where}.except[{i}]: invalid CIDR {e!r}") from exc
+            net = validation.network(e, f"{where}.except[{i}]", allow_ipv4_mapped=True)
+        except validation.InvalidValue as exc:
+            raise PolicyError(_invalid_cidr(exc, e)) from None
         if net.version != cidr.version or not net.subnet_of(cidr):  # type: ignore[arg-type]
             raise PolicyError(f"{where}.except[{i}]: {net} is not inside cidr {cidr}")
         excepts.append(str(net))

@@ -48,6 +48,7 @@ class Code(enum.IntEnum):
     DATASTORE_UNAVAILABLE = 140  # kubeconfig, API server or manifest directory unusable
     COMMAND_FAILED = 141  # an external command (ip, iptables-restore, ...) failed
     NETNS_FAILED = 142
+    INVALID_VALUE = 143  # a field of a cluster object does not validate (routed/validation.py)
     LAB_FAILED = 150
     INJECTED_FAULT = 160  # a failpoint fired (tests only)
     UNEXPECTED = 999

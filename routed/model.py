@@ -6,25 +6,48 @@ Pure data, no I/O. Built from Kubernetes-shaped dicts (manifest files or the API
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from routed import validation
+
 log = logging.getLogger(__name__)
 Labels = dict[str, str]
+_WARNED_MAX = 4096
+_warned: set[str] = set()  # warnings already logged (the typed views are rebuilt on every change of a kind)
 
 
-def _valid_ips(ips: list[str], pod: str) -> list[str]:
+def _warn_once(message: str) -> None:
+    if message in _warned:
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.clear()
+    _warned.add(message)
+    log.warning("%s", message)
+
+
+def _valid(values: list[Any], parse: Callable[[object, str], str], what: str,
+           problems: list[str] | None = None) -> list[str]:
+    """The values that pass routed/validation.py, canonical; an invalid one is left out with a warning (and
+    named in `problems`), so it can never break the kernel state, BGP or policy of anything else."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(parse(value, f"{what}[{i}]"))
+        except validation.InvalidValue as exc:
+            message = f"{exc.msg}; ignored"
+            _warn_once(message)
+            if problems is not None:
+                problems.append(message)
+    return out
+
+
+def _valid_ips(ips: list[Any], pod: str) -> list[str]:
     """The pod's addresses that are IP addresses, in canonical form (an invalid status.podIPs entry is left
     out with a warning, so it can never break the policy dataplane of every other pod)."""
-    out = []
-    for ip in ips:
-        try:
-            out.append(str(ipaddress.ip_address(str(ip).strip())))
-        except ValueError:
-            log.warning("pod %s: status.podIPs entry %r is not an IP address; ignored", pod, ip)
-    return out
+    return _valid(ips, validation.parse_ip, f"pod {validation.display_name(pod)}: status.podIPs")
 
 
 @dataclass(frozen=True)
@@ -38,26 +61,35 @@ class ContainerPort:
 class Node:
     name: str
     labels: Labels = field(default_factory=dict)
-    pod_cidrs: tuple[str, ...] = ()
-    addresses: tuple[str, ...] = ()  # InternalIP addresses
+    pod_cidrs: tuple[str, ...] = ()  # canonical networks
+    addresses: tuple[str, ...] = ()  # InternalIP addresses, canonical
+    problems: tuple[str, ...] = ()  # what from_k8s left out (an invalid address or pod CIDR), for reports
 
     @classmethod
     def from_k8s(cls, obj: dict[str, Any]) -> Node:
+        """Addresses and pod CIDRs pass routed/validation.py: an invalid one is dropped with a warning (and
+        named in `problems`), the others are kept. kube-apiserver does not validate `status.addresses` (any
+        kubelet writes its own), the manifest datastore validates nothing."""
         meta = obj.get("metadata") or {}
         spec = obj.get("spec") or {}
+        name = meta.get("name", "")
+        where = f"Node {validation.display_name(name)}"
         cidrs = list(spec.get("podCIDRs") or [])
         if not cidrs and spec.get("podCIDR"):
             cidrs = [spec["podCIDR"]]
         addrs = [
             a.get("address", "")
             for a in ((obj.get("status") or {}).get("addresses") or [])
-            if a.get("type") == "InternalIP"
+            if isinstance(a, dict) and a.get("type") == "InternalIP"
         ]
+        problems: list[str] = []
         return cls(
-            name=meta.get("name", ""),
+            name=name,
             labels=dict(meta.get("labels") or {}),
-            pod_cidrs=tuple(cidrs),
-            addresses=tuple(a for a in addrs if a),
+            pod_cidrs=tuple(_valid(cidrs, validation.parse_cidr, f"{where}: spec.podCIDRs", problems)),
+            addresses=tuple(_valid([a for a in addrs if a], validation.parse_ip, f"{where}: InternalIP address",
+                                   problems)),
+            problems=tuple(problems),
         )
 
 

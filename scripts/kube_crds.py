@@ -30,7 +30,8 @@ CRD_DIR = ROOT / "deploy" / "crds"
 # OpenAPI keywords a structural CRD schema may carry (pydantic's title/default/additionalProperties:false go).
 _KEEP = {
     "type", "properties", "items", "required", "enum", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "format", "description",
+    "exclusiveMaximum", "minLength", "maxLength", "pattern", "minItems", "maxItems", "maxProperties", "format",
+    "description", "x-kubernetes-validations",
 }
 
 DESCRIPTIONS: dict[str, dict[str, str]] = {
@@ -105,7 +106,8 @@ def structural(model: type[BaseModel]) -> dict[str, Any]:
             if len(options) != 1:
                 raise ValueError(f"cannot express {node} structurally")
             # Not `nullable`: the apiserver then drops explicit nulls, which pydantic reads as None too.
-            return conv(options[0])
+            # The field's own extras (json_schema_extra: rules, bounds) sit next to anyOf: keep them.
+            return {**conv(options[0]), **{k: v for k, v in node.items() if k in _KEEP}}
         if "const" in node:
             node = {**node, "enum": [node["const"]]}
         out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEEP}

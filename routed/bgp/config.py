@@ -64,9 +64,8 @@ import base64
 import binascii
 import hashlib
 import ipaddress
-import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -78,17 +77,19 @@ from pydantic import (
     model_validator,
 )
 
+from routed import validation
 from routed.bgp.services import ServicePolicy
 from routed.errors import Code, RoutedError
 from routed.model import Node
+from routed.validation import InvalidValue, display_name, shown
 
 API_GROUP = "routed.dev/v1alpha1"
 DEFAULT_ASN = 64512
 DEFAULT_HOLD = 9
 DEFAULT_GR_TIME = 120
-_COMMUNITY = re.compile(r"^(\d+):(\d+)$")
-_LARGE_COMMUNITY = re.compile(r"^(\d+):(\d+):(\d+)$")
-_ASN_MAX = 4294967295
+MAX_COMMUNITIES = 64  # per list (the CRDs' maxItems too)
+MAX_CIDRS = 64  # per Service allow-list
+MAX_SELECTOR_ITEMS = 64  # matchLabels entries, matchExpressions, values per expression
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
 FAMILIES = {name: version for version, name in FAMILY_NAMES.items()}
 
@@ -98,14 +99,40 @@ class BgpConfigError(RoutedError, ValueError):
 
 
 def _check_asn(v: int) -> int:
-    if not 1 <= v <= _ASN_MAX:
-        raise ValueError(f"AS number {v} out of range 1..{_ASN_MAX}")
-    return v
+    return validation.parse_asn(v, "AS number")
+
+
+def _crd(*rules: tuple[str, str], pattern: str = "", max_length: int | None = None) -> dict[str, Any]:
+    """Extra schema for the CRDs (scripts/kube_crds.py): CEL rules (rule, message), an anchored pattern built
+    from a routed/validation.py source, a maxLength. The agent's own check is the field validator."""
+    out: dict[str, Any] = {}
+    if rules:
+        out["x-kubernetes-validations"] = [{"rule": r, "message": m} for r, m in rules]
+    if pattern:
+        out["pattern"] = f"^(?:{pattern})$"
+    if max_length is not None:
+        out["maxLength"] = max_length
+    return out
+
+
+_CRD_IP = _crd(("isIP(self)", "must be an IP address (no scope ID)"), max_length=validation.MAX_IP_LENGTH)
+_CRD_ASN: dict[str, Any] = {"minimum": 1, "maximum": validation.ASN_MAX}
+_AsnValue = Annotated[int, Field(json_schema_extra=_CRD_ASN)]
+_CRD_CIDR = _crd(("isCIDR(self) || isIP(self)", "must be a CIDR (no scope ID)"), max_length=validation.MAX_CIDR_LENGTH)
+_CRD_COMMUNITY = _crd(pattern=validation.ANY_COMMUNITY_RE, max_length=32)
+_CRD_SUBDOMAIN = _crd(pattern=f"(?:{validation.DNS_SUBDOMAIN_RE})?", max_length=validation.DNS_SUBDOMAIN_MAX)
+_CRD_NAMESPACE = _crd(pattern=f"(?:{validation.DNS_LABEL_RE})?", max_length=validation.DNS_LABEL_MAX)
+_CRD_SECRET_KEY = _crd(pattern=validation.SECRET_KEY_RE, max_length=validation.SECRET_KEY_MAX)
+_CRD_LABEL_KEY = _crd(pattern=f"(?:{validation.LABEL_KEY_RE})?", max_length=validation.LABEL_KEY_MAX)
+_CRD_LABEL_VALUE = _crd(pattern=validation.LABEL_VALUE_RE, max_length=validation.LABEL_NAME_MAX)
 
 
 def unusable_next_hop(address: str) -> str:
     """Why `address` cannot be announced (or installed) as a BGP next hop; "" when it can."""
-    addr = ipaddress.ip_address(address)
+    try:
+        addr = validation.address(address, "next hop", allow_ipv4_mapped=True)
+    except InvalidValue as e:
+        return e.msg
     if addr.is_unspecified:
         return "unspecified address"
     if addr.is_multicast:
@@ -121,15 +148,15 @@ def unusable_next_hop(address: str) -> str:
 
 
 def _of_family(addresses: tuple[str, ...], family: int) -> list[str]:
-    return [a for a in addresses if ipaddress.ip_address(a).version == family]
+    return [a for a in addresses if validation.address(a, "node address").version == family]
 
 
 def local_address(addresses: tuple[str, ...], peer: str) -> str:
     """The node address sharing the longest prefix with the peer (its link address on a p2p/ToR subnet)."""
-    target = ipaddress.ip_address(peer)
+    target = validation.address(peer, "peer address")
     best, best_len = "", -1
     for a in _of_family(addresses, target.version):
-        addr = ipaddress.ip_address(a)
+        addr = validation.address(a, "node address")
         common = addr.max_prefixlen - (int(addr) ^ int(target)).bit_length()
         if common > best_len:
             best, best_len = a, common
@@ -153,7 +180,7 @@ def next_hop_for(addresses: tuple[str, ...], peer: str, family: int, override: s
     usable = tuple(a for a in _of_family(addresses, family) if not unusable_next_hop(a))
     if not usable:
         return ""
-    if ipaddress.ip_address(peer).version == family:
+    if validation.address(peer, "peer address").version == family:
         return local_address(usable, peer)
     return usable[0]
 
@@ -174,21 +201,27 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+_SpecT = TypeVar("_SpecT", bound=_Spec)
+
+
 class ServiceCidr(_Spec):
-    cidr: str
+    cidr: str = Field(json_schema_extra=_CRD_CIDR)
 
     @field_validator("cidr")
     @classmethod
     def _cidr(cls, v: str) -> str:
-        return str(ipaddress.ip_network(v, strict=False))
+        return validation.parse_cidr(v, "cidr")
 
 
 class ServiceCommunities(_Spec):
     """Communities per advertisement type, added to the `communities` of the pod CIDR."""
 
-    clusterIP: list[str] = Field(default_factory=list)
-    externalIP: list[str] = Field(default_factory=list)
-    loadBalancerIP: list[str] = Field(default_factory=list)
+    clusterIP: list[Annotated[str, Field(json_schema_extra=_CRD_COMMUNITY)]] = Field(
+        default_factory=list, max_length=MAX_COMMUNITIES)
+    externalIP: list[Annotated[str, Field(json_schema_extra=_CRD_COMMUNITY)]] = Field(
+        default_factory=list, max_length=MAX_COMMUNITIES)
+    loadBalancerIP: list[Annotated[str, Field(json_schema_extra=_CRD_COMMUNITY)]] = Field(
+        default_factory=list, max_length=MAX_COMMUNITIES)
 
     @field_validator("clusterIP", "externalIP", "loadBalancerIP")
     @classmethod
@@ -197,33 +230,33 @@ class ServiceCommunities(_Spec):
 
 
 def _check_communities(v: list[str] | None) -> list[str] | None:
-    for c in v or []:
-        m = _COMMUNITY.match(c)
-        if m and all(int(x) <= 65535 for x in m.groups()):
-            continue
-        m = _LARGE_COMMUNITY.match(c)
-        if m and all(int(x) <= _ASN_MAX for x in m.groups()):
-            continue
-        raise ValueError(f"community {c!r} is neither 'asn:value' (16-bit each) nor 'a:b:c' (large)")
+    return None if v is None else validation.parse_communities(v, "communities")
+
+
+def _check_names(v: dict[str, int], check: Any, what: str) -> dict[str, int]:
+    for key in v:
+        check(key, what)
     return v
 
 
 class BGPConfigurationSpec(_Spec):
-    asNumber: int | None = None
-    nodeASNumbers: dict[str, int] = Field(default_factory=dict)
-    asNumberLabel: str = ""
-    rackLabel: str = ""
-    rackASNumbers: dict[str, int] = Field(default_factory=dict)
-    routerID: str = ""
+    asNumber: int | None = Field(None, json_schema_extra=_CRD_ASN)
+    nodeASNumbers: dict[str, _AsnValue] = Field(default_factory=dict, json_schema_extra={"maxProperties": 10000})
+    asNumberLabel: str = Field("", json_schema_extra=_CRD_LABEL_KEY)
+    rackLabel: str = Field("", json_schema_extra=_CRD_LABEL_KEY)
+    rackASNumbers: dict[str, _AsnValue] = Field(default_factory=dict, json_schema_extra={"maxProperties": 10000})
+    routerID: str = Field("", json_schema_extra=_crd(("self == '' || (isIP(self) && ip(self).family() == 4)",
+                                                       "must be an IPv4 address"), max_length=15))
     holdTime: int | None = Field(None, ge=3, le=65535)
     keepaliveTime: int | None = Field(None, ge=1, le=21845)
     gracefulRestartTime: int | None = Field(None, ge=0, le=4095)
-    communities: list[str] | None = None
+    communities: list[Annotated[str, Field(json_schema_extra=_CRD_COMMUNITY)]] | None = Field(
+        None, max_length=MAX_COMMUNITIES)
     acceptDefaultRoute: bool | None = None
     nodeToNodeMesh: bool | None = None
-    serviceClusterIPs: list[ServiceCidr] | None = None
-    serviceExternalIPs: list[ServiceCidr] | None = None
-    serviceLoadBalancerIPs: list[ServiceCidr] | None = None
+    serviceClusterIPs: list[ServiceCidr] | None = Field(None, max_length=MAX_CIDRS)
+    serviceExternalIPs: list[ServiceCidr] | None = Field(None, max_length=MAX_CIDRS)
+    serviceLoadBalancerIPs: list[ServiceCidr] | None = Field(None, max_length=MAX_CIDRS)
     serviceCommunities: ServiceCommunities | None = None
 
     @field_validator("asNumber")
@@ -233,20 +266,22 @@ class BGPConfigurationSpec(_Spec):
 
     @field_validator("nodeASNumbers", "rackASNumbers")
     @classmethod
-    def _asns(cls, v: dict[str, int]) -> dict[str, int]:
+    def _asns(cls, v: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        check = validation.check_dns_subdomain if info.field_name == "nodeASNumbers" else validation.check_label_value
         for key, asn in v.items():
-            try:
-                _check_asn(asn)
-            except ValueError as e:
-                raise ValueError(f"{key}: {e}") from None
+            check(key, "key")
+            validation.parse_asn(asn, display_name(key))
         return v
+
+    @field_validator("asNumberLabel", "rackLabel")
+    @classmethod
+    def _label_key(cls, v: str) -> str:
+        return v and validation.check_label_key(v, "label key")
 
     @field_validator("routerID")
     @classmethod
     def _rid(cls, v: str) -> str:
-        if v:
-            ipaddress.IPv4Address(v)
-        return v
+        return v and validation.parse_ip(v, "routerID", family=4)
 
     @field_validator("communities")
     @classmethod
@@ -263,9 +298,27 @@ class BGPConfigurationSpec(_Spec):
 
 
 class SecretKeyRef(_Spec):
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
-    namespace: str = ""
+    name: str = Field(min_length=1, json_schema_extra=_CRD_SUBDOMAIN)
+    key: str = Field(min_length=1, json_schema_extra=_CRD_SECRET_KEY)
+    namespace: str = Field("", json_schema_extra=_CRD_NAMESPACE)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validation.check_dns_subdomain(v, "name")
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return validation.check_secret_key(v, "key")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return v and validation.check_dns_label(v, "namespace")
+
+    def where(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
 class PasswordSource(_Spec):
@@ -273,14 +326,36 @@ class PasswordSource(_Spec):
 
 
 class LabelSelectorRequirement(_Spec):
-    key: str
+    key: str = Field(json_schema_extra=_CRD_LABEL_KEY)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = Field(default_factory=list)
+    values: list[Annotated[str, Field(json_schema_extra=_CRD_LABEL_VALUE)]] = Field(
+        default_factory=list, max_length=MAX_SELECTOR_ITEMS)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return validation.check_label_key(v, "key")
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: list[str]) -> list[str]:
+        return [validation.check_label_value(x, f"values[{i}]") for i, x in enumerate(v)]
 
 
 class LabelSelector(_Spec):
-    matchLabels: dict[str, str] = Field(default_factory=dict)
-    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+    matchLabels: dict[str, Annotated[str, Field(json_schema_extra=_CRD_LABEL_VALUE)]] = Field(
+        default_factory=dict, json_schema_extra={"maxProperties": MAX_SELECTOR_ITEMS})
+    matchExpressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=MAX_SELECTOR_ITEMS)
+
+    @field_validator("matchLabels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_SELECTOR_ITEMS:
+            raise ValueError(f"more than {MAX_SELECTOR_ITEMS} labels")
+        for key, value in v.items():
+            validation.check_label_key(key, "key")
+            validation.check_label_value(value, display_name(key))
+        return v
 
     def matches(self, labels: dict[str, str]) -> bool:
         for k, v in self.matchLabels.items():
@@ -307,9 +382,9 @@ class BfdSpec(_Spec):
 
 
 class BGPPeerSpec(_Spec):
-    peerIP: str
-    asNumber: int
-    node: str = ""
+    peerIP: str = Field(json_schema_extra=_CRD_IP)
+    asNumber: int = Field(json_schema_extra=_CRD_ASN)
+    node: str = Field("", json_schema_extra=_CRD_SUBDOMAIN)
     nodeSelector: LabelSelector | None = None
     password: PasswordSource | None = None
     ebgpMultihop: int | None = Field(None, ge=1, le=255)
@@ -317,17 +392,27 @@ class BGPPeerSpec(_Spec):
     maxPrefixes: int | None = Field(None, ge=1)
     bfd: BfdSpec | None = None
     addressFamilies: list[Literal["IPv4", "IPv6"]] = Field(
-        default_factory=list, description="Unicast address families of this session (empty or unset: the peerIP's "
+        default_factory=list, max_length=2, description="Unicast address families of this session (empty or unset: the peerIP's "
         "family only); [IPv4, IPv6] carries IPv6 over an IPv4 session (or IPv4 over an IPv6 one).")
     ipv4NextHop: str = Field("", description="Next hop announced for IPv4 prefixes on this session (default: the "
-                             "node's local address for the peer, or its first IPv4 InternalIP).")
+                             "node's local address for the peer, or its first IPv4 InternalIP).",
+                             json_schema_extra=_crd(("self == '' || (isIP(self) && ip(self).family() == 4)",
+                                                     "must be an IPv4 address"), max_length=15))
     ipv6NextHop: str = Field("", description="Global IPv6 next hop announced for IPv6 prefixes on this session "
-                             "(default: the node's local address for the peer, or its first IPv6 InternalIP).")
+                             "(default: the node's local address for the peer, or its first IPv6 InternalIP).",
+                             json_schema_extra=_crd(("self == '' || (isIP(self) && ip(self).family() == 6)",
+                                                     "must be an IPv6 address (no scope ID)"),
+                                                    max_length=validation.MAX_IP_LENGTH))
 
     @field_validator("peerIP")
     @classmethod
     def _ip(cls, v: str) -> str:
-        return str(ipaddress.ip_address(v))
+        return validation.parse_ip(v, "peerIP")
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return v and validation.check_dns_subdomain(v, "node")
 
     @field_validator("addressFamilies")
     @classmethod
@@ -341,19 +426,17 @@ class BGPPeerSpec(_Spec):
     def _next_hop(cls, v: str, info: ValidationInfo) -> str:
         if not v:
             return v
-        addr = ipaddress.ip_address(v)
         family = 4 if info.field_name == "ipv4NextHop" else 6
-        if addr.version != family:
-            raise ValueError(f"{v} is not an {FAMILY_NAMES[family]} address")
-        why = unusable_next_hop(str(addr))
+        addr = validation.parse_ip(v, str(info.field_name), family=family)
+        why = unusable_next_hop(addr)
         if why:
-            raise ValueError(f"{v} cannot be a next hop: {why}")
-        return str(addr)
+            raise ValueError(f"{addr} cannot be a next hop: {why}")
+        return addr
 
     def families(self) -> tuple[int, ...]:
         """The session's address families (4, 6), in that order."""
         if not self.addressFamilies:
-            return (ipaddress.ip_address(self.peerIP).version,)
+            return (validation.ip_family(self.peerIP),)
         return tuple(sorted(FAMILIES[f] for f in self.addressFamilies))
 
     def next_hop_override(self, family: int) -> str:
@@ -385,37 +468,48 @@ class BGPPeerSpec(_Spec):
 
 
 def _format_error(kind: str, name: str, err: Exception) -> str:
+    """'<kind> <name>: spec.<field>: <why>; ...' with every part that came from the object shown escaped."""
     if isinstance(err, ValidationError):
         parts = []
         for e in err.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()))
-            parts.append(f"spec.{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        return f"{kind} {name}: " + "; ".join(parts)
-    return f"{kind} {name}: {err}"
+            loc = ".".join(display_name(x) if isinstance(x, str) else str(x) for x in e.get("loc", ()))
+            msg = str(e.get("msg")).removeprefix("Value error, ")
+            parts.append(f"spec.{loc}: {msg}" if loc else msg)
+        return f"{kind} {display_name(name)}: " + "; ".join(parts)
+    return f"{kind} {display_name(name)}: {err}"
+
+
+def object_name(obj: Any) -> str:
+    """metadata.name of a cluster object as text for messages ("" when missing)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def _parse(kind: str, model: type[_SpecT], obj: Any) -> tuple[str, _SpecT]:
+    name = object_name(obj)
+    try:
+        if not isinstance(obj, dict):
+            raise BgpConfigError(f"not a mapping ({type(obj).__name__})")
+        if obj.get("kind") not in (None, kind):
+            raise BgpConfigError(f"kind is {shown(obj.get('kind'))}, expected {kind}")
+        if not name:
+            raise BgpConfigError("metadata.name is missing")
+        validation.check_dns_subdomain(name, "metadata.name")
+        spec = obj.get("spec") or {}
+        if not isinstance(spec, dict):
+            raise BgpConfigError(f"spec: not a mapping ({type(spec).__name__})")
+        return name, model.model_validate(spec)
+    except (ValidationError, ValueError) as e:
+        raise BgpConfigError(_format_error(kind, name or "<unnamed>", e)) from None
 
 
 def parse_configuration(obj: dict[str, Any]) -> tuple[str, BGPConfigurationSpec]:
-    name = str((obj.get("metadata") or {}).get("name") or "")
-    try:
-        if obj.get("kind") not in (None, "BGPConfiguration"):
-            raise BgpConfigError(f"kind is {obj.get('kind')!r}, expected BGPConfiguration")
-        if not name:
-            raise BgpConfigError("metadata.name is missing")
-        return name, BGPConfigurationSpec.model_validate(obj.get("spec") or {})
-    except (ValidationError, ValueError) as e:
-        raise BgpConfigError(_format_error("BGPConfiguration", name or "<unnamed>", e)) from None
+    return _parse("BGPConfiguration", BGPConfigurationSpec, obj)
 
 
 def parse_peer(obj: dict[str, Any]) -> tuple[str, BGPPeerSpec]:
-    name = str((obj.get("metadata") or {}).get("name") or "")
-    try:
-        if obj.get("kind") not in (None, "BGPPeer"):
-            raise BgpConfigError(f"kind is {obj.get('kind')!r}, expected BGPPeer")
-        if not name:
-            raise BgpConfigError("metadata.name is missing")
-        return name, BGPPeerSpec.model_validate(obj.get("spec") or {})
-    except (ValidationError, ValueError) as e:
-        raise BgpConfigError(_format_error("BGPPeer", name or "<unnamed>", e)) from None
+    return _parse("BGPPeer", BGPPeerSpec, obj)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +544,7 @@ class PeerConfig:
     @property
     def family(self) -> int:
         """The family of the session's transport (the peer address)."""
-        return ipaddress.ip_address(self.address).version
+        return validation.ip_family(self.address)
 
     def next_hop(self, family: int) -> str:
         """The explicit next hop for `family`'s prefixes; "" when that family is not announced to this peer."""
@@ -492,27 +586,40 @@ class Resolution:
 
 
 def _secret_value(ref: SecretKeyRef, secrets: dict[str, dict[str, Any]]) -> str:
+    """The TCP MD5 password `ref` names. Refused with a BgpConfigError naming the Secret and key, never the
+    value: missing, not base64 UTF-8, empty, over 80 bytes (the kernel's TCP MD5 key limit), or holding a
+    control character (a trailing newline included)."""
     candidates: list[tuple[str, dict[str, Any]]] = []
     for key, obj in secrets.items():
         ns, _, name = key.rpartition("/")
         if name == ref.name and (not ref.namespace or ns == ref.namespace):
-            candidates.append((key, obj))
+            candidates.append((display_name(key), obj))
     if not candidates:
-        where = f"{ref.namespace}/{ref.name}" if ref.namespace else ref.name
-        raise BgpConfigError(f"secret {where} not found")
+        raise BgpConfigError(f"secret {ref.where()} not found")
     if len(candidates) > 1:
         raise BgpConfigError(f"secret {ref.name} exists in several namespaces; set secretKeyRef.namespace")
-    key, obj = candidates[0]
+    where, obj = candidates[0]
+    what = f"secret {where} key {ref.key}"
     string_data = obj.get("stringData") or {}
-    if ref.key in string_data:
-        return str(string_data[ref.key])
     data = obj.get("data") or {}
-    if ref.key not in data:
-        raise BgpConfigError(f"secret {key} has no key {ref.key!r}")
+    if isinstance(string_data, dict) and ref.key in string_data:
+        raw = string_data[ref.key]
+        if not isinstance(raw, str):
+            raise BgpConfigError(f"{what}: stringData value is not text")
+        value = raw
+    elif isinstance(data, dict) and ref.key in data:
+        try:
+            value = base64.b64decode(str(data[ref.key]), validate=True).decode()
+        except binascii.Error:
+            raise BgpConfigError(f"{what}: not valid base64") from None
+        except UnicodeDecodeError:
+            raise BgpConfigError(f"{what}: not UTF-8 text") from None
+    else:
+        raise BgpConfigError(f"secret {where} has no key {ref.key!r}")
     try:
-        return base64.b64decode(str(data[ref.key]), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError) as e:
-        raise BgpConfigError(f"secret {key} key {ref.key!r} is not valid base64 text: {e}") from None
+        return validation.check_tcp_md5_key(value, what)
+    except InvalidValue as e:
+        raise BgpConfigError(e.msg) from None
 
 
 def _node_asn(spec: BGPConfigurationSpec, node: Node) -> int:
@@ -521,9 +628,10 @@ def _node_asn(spec: BGPConfigurationSpec, node: Node) -> int:
     if spec.asNumberLabel and spec.asNumberLabel in node.labels:
         raw = node.labels[spec.asNumberLabel]
         try:
-            return _check_asn(int(raw))
-        except ValueError:
-            raise BgpConfigError(f"node {node.name}: label {spec.asNumberLabel}={raw!r} is not an AS number") from None
+            return validation.parse_asn(raw, "label")
+        except InvalidValue:
+            raise BgpConfigError(f"node {display_name(node.name)}: label {spec.asNumberLabel}={shown(raw)} is not an "
+                                 "AS number") from None
     if spec.rackLabel and node.labels.get(spec.rackLabel) in spec.rackASNumbers:
         return spec.rackASNumbers[node.labels[spec.rackLabel]]
     return spec.asNumber or DEFAULT_ASN
@@ -565,6 +673,103 @@ def _merged_spec(configs: list[dict[str, Any]], node_name: str, errors: list[str
     return BGPConfigurationSpec.model_validate(merged)
 
 
+def _unexpected(err: Exception) -> str:
+    """An exception nobody meant to raise, for `errors` (its text escaped: it may quote the input)."""
+    return f"unexpected {type(err).__name__}: {shown(str(err), 200)}"
+
+
+def _valid_node_addresses(node: Node, errors: list[str]) -> Node:
+    """`node` with only addresses that pass the boundary (a Node built from a cluster object already has only
+    those: its `problems` name what was dropped); what is dropped is reported under the Node's name."""
+    errors.extend(node.problems)
+    kept = []
+    for a in node.addresses:
+        try:
+            kept.append(validation.parse_ip(a, f"Node {display_name(node.name)}: address"))
+        except InvalidValue as e:
+            errors.append(f"{e.msg}; dropped")
+    return node if tuple(kept) == node.addresses else replace(node, addresses=tuple(kept))
+
+
+def _peer_config(name: str, p: BGPPeerSpec, node: Node, password: str | None,
+                 errors: list[str]) -> PeerConfig:
+    families = p.families()
+    next_hops: list[tuple[int, str]] = []
+    for family in families:
+        nh = next_hop_for(node.addresses, p.peerIP, family, p.next_hop_override(family))
+        if nh:
+            next_hops.append((family, nh))
+        else:
+            fam = FAMILY_NAMES[family]
+            errors.append(f"BGPPeer {name}: no {fam} next hop (node {display_name(node.name)} has no usable {fam} "
+                          f"address; set spec.{fam.lower()}NextHop): {fam} prefixes are not announced to {p.peerIP}")
+    return PeerConfig(
+        address=p.peerIP, asn=p.asNumber, name=name, password=password, multihop=p.ebgpMultihop,
+        ttl_security=p.ttlSecurity, max_prefixes=p.maxPrefixes,
+        bfd=BfdTimers(p.bfd.minRxMs, p.bfd.minTxMs, p.bfd.multiplier) if p.bfd and p.bfd.enabled else None,
+        families=families, local_address=local_address(node.addresses, p.peerIP), next_hops=tuple(next_hops),
+    )
+
+
+def _bgp_peers(node: Node, peers: list[dict[str, Any]], secrets: dict[str, dict[str, Any]],
+               errors: list[str]) -> dict[str, PeerConfig]:
+    """The BGPPeers selecting `node`, by address. Each one is resolved on its own: whatever goes wrong with one
+    (invalid, its Secret missing or refused, a bug) is reported by its name and skips only that one."""
+    own = set(node.addresses)
+    result: dict[str, PeerConfig] = {}
+    for obj in peers:
+        name = display_name(object_name(obj) or "<unnamed>")
+        try:
+            _, p = parse_peer(obj)
+            if not p.selects(node) or p.peerIP in own:
+                continue
+            password = _secret_value(p.password.secretKeyRef, secrets) if p.password else None
+            if p.peerIP in result:
+                raise BgpConfigError(f"peerIP {p.peerIP} already defined by {result[p.peerIP].name}")
+            peer_errors: list[str] = []
+            result[p.peerIP] = _peer_config(name, p, node, password, peer_errors)
+            errors.extend(peer_errors)
+        except BgpConfigError as e:
+            msg = str(e)
+            errors.append(msg if msg.startswith("BGPPeer") else f"BGPPeer {name}: {msg}")
+        except Exception as e:  # one peer never takes the others down
+            errors.append(f"BGPPeer {name}: {_unexpected(e)}")
+    return result
+
+
+def _mesh_peers(spec: BGPConfigurationSpec, node: Node, other: Node, taken: dict[str, PeerConfig],
+                errors: list[str]) -> list[PeerConfig]:
+    """The mesh sessions with `other`: one per family both nodes have a usable address of (the lower address
+    connects, the higher one listens: no connection collisions)."""
+    name = validation.check_dns_subdomain(other.name, "Node name")
+    other = _valid_node_addresses(other, errors)
+    own = set(node.addresses)
+    mine = first_addresses(node.addresses)
+    theirs = first_addresses(other.addresses)
+    sessions = [(m, t) for m in mine for t in theirs
+                if validation.ip_family(m) == validation.ip_family(t) and t not in taken and t not in own]
+    if not sessions:
+        return []
+    other_asn = _node_asn(spec, other)
+    out = []
+    for my_addr, addr in sessions:
+        passive = int(validation.address(addr, "address")) < int(validation.address(my_addr, "address"))
+        family = validation.ip_family(addr)
+        out.append(PeerConfig(address=addr, asn=other_asn, name=f"mesh:{name}", passive=passive,
+                              families=(family,), local_address=my_addr, next_hops=((family, my_addr),)))
+    return out
+
+
+def _pod_cidrs(node: Node, errors: list[str]) -> tuple[str, ...]:
+    out = []
+    for c in node.pod_cidrs:
+        try:
+            out.append(validation.parse_cidr(c, f"Node {display_name(node.name)}: podCIDR"))
+        except InvalidValue as e:
+            errors.append(f"{e.msg}; not announced")
+    return tuple(out)
+
+
 def resolve(
     node: Node,
     nodes: list[Node],
@@ -572,7 +777,11 @@ def resolve(
     configs: list[dict[str, Any]],
     secrets: dict[str, dict[str, Any]],
 ) -> Resolution:
+    """This node's SpeakerConfig. Never raises for a bad object: an invalid BGPConfiguration falls back to the
+    defaults, an invalid BGPPeer or mesh Node is left out, an invalid Node address is dropped; each is named in
+    `errors`, and the rest is resolved as if it were not there."""
     errors: list[str] = []
+    node = _valid_node_addresses(node, errors)
     try:
         spec = _merged_spec(configs, node.name, errors)
     except (ValidationError, ValueError) as e:
@@ -588,63 +797,24 @@ def resolve(
     keepalive = spec.keepaliveTime or max(1, hold // 3)
     if keepalive * 3 > hold:
         keepalive = max(1, hold // 3)
-    own = set(node.addresses)
-    result: dict[str, PeerConfig] = {}
-    for obj in peers:
-        name = str((obj.get("metadata") or {}).get("name") or "<unnamed>")
-        try:
-            name, p = parse_peer(obj)
-            if not p.selects(node):
-                continue
-            if p.peerIP in own:
-                continue
-            password = _secret_value(p.password.secretKeyRef, secrets) if p.password else None
-            if p.peerIP in result:
-                raise BgpConfigError(f"peerIP {p.peerIP} already defined by {result[p.peerIP].name}")
-        except BgpConfigError as e:
-            msg = str(e)
-            errors.append(msg if msg.startswith("BGPPeer") else f"BGPPeer {name}: {msg}")
-            continue
-        families = p.families()
-        next_hops: list[tuple[int, str]] = []
-        for family in families:
-            nh = next_hop_for(node.addresses, p.peerIP, family, p.next_hop_override(family))
-            if nh:
-                next_hops.append((family, nh))
-            else:
-                fam = FAMILY_NAMES[family]
-                errors.append(f"BGPPeer {name}: no {fam} next hop (node {node.name} has no usable {fam} address; "
-                              f"set spec.{fam.lower()}NextHop): {fam} prefixes are not announced to {p.peerIP}")
-        result[p.peerIP] = PeerConfig(
-            address=p.peerIP, asn=p.asNumber, name=name, password=password, multihop=p.ebgpMultihop,
-            ttl_security=p.ttlSecurity, max_prefixes=p.maxPrefixes,
-            bfd=BfdTimers(p.bfd.minRxMs, p.bfd.minTxMs, p.bfd.multiplier) if p.bfd and p.bfd.enabled else None,
-            families=families, local_address=local_address(node.addresses, p.peerIP), next_hops=tuple(next_hops),
-        )
+    result = _bgp_peers(node, peers, secrets, errors)
     listen = False
     if spec.nodeToNodeMesh:
-        mine = first_addresses(node.addresses)
         for other in nodes:
-            if other.name == node.name or not other.addresses:
-                continue
-            theirs = first_addresses(other.addresses)
-            sessions = [(m, t) for m in mine for t in theirs
-                        if ipaddress.ip_address(m).version == ipaddress.ip_address(t).version
-                        and t not in result and t not in own]
-            if not sessions:
+            if other.name == node.name:
                 continue
             try:
-                other_asn = _node_asn(spec, other)
-            except BgpConfigError as e:
-                errors.append(str(e))
+                mesh = _mesh_peers(spec, node, other, result, errors)
+            except (BgpConfigError, InvalidValue) as e:
+                msg = str(e)
+                errors.append(msg if msg.startswith("node ") else f"mesh node {display_name(other.name)}: {msg}")
                 continue
-            for my_addr, addr in sessions:  # one session per family both nodes have
-                # the lower address connects, the higher one listens: no connection collisions
-                passive = int(ipaddress.ip_address(addr)) < int(ipaddress.ip_address(my_addr))
-                listen = listen or passive
-                family = ipaddress.ip_address(addr).version
-                result[addr] = PeerConfig(address=addr, asn=other_asn, name=f"mesh:{other.name}", passive=passive,
-                                          families=(family,), local_address=my_addr, next_hops=((family, my_addr),))
+            except Exception as e:  # one node never takes the mesh down
+                errors.append(f"mesh node {display_name(other.name)}: {_unexpected(e)}")
+                continue
+            for p in mesh:
+                result[p.address] = p
+                listen = listen or p.passive
     cfg = SpeakerConfig(
         node_name=node.name,
         asn=asn,
@@ -654,7 +824,7 @@ def resolve(
         graceful_restart_time=DEFAULT_GR_TIME if spec.gracefulRestartTime is None else spec.gracefulRestartTime,
         communities=tuple(spec.communities or ()),
         accept_default=bool(spec.acceptDefaultRoute),
-        pod_cidrs=tuple(str(ipaddress.ip_network(c, strict=False)) for c in node.pod_cidrs),
+        pod_cidrs=_pod_cidrs(node, errors),
         local_addresses=tuple(node.addresses),
         peers=tuple(sorted(result.values(), key=lambda p: p.address)),
         listen=listen,

@@ -95,26 +95,29 @@ class BgpManager:
         inputs are applied again on the next call: they are remembered only once applied)."""
         if inputs == self._last_inputs:
             return
+        previous_errors = self.errors
         try:
             failpoints.hit("bgp.update")
             res: Resolution = resolve(inputs.node, inputs.nodes, inputs.peers, inputs.configs, inputs.secrets)
-            if res.errors != self.errors:
-                for e in res.errors:
-                    if e not in self.errors:
-                        log.warning("BGP config: %s", e)
             self.errors = res.errors
             if res.config is not None and res.config != self.config:
                 self.speaker.configure(res.config)
                 self._configure_bfd(res.config)
                 self.config = res.config
                 self.startup_hold = float(min(max(res.config.graceful_restart_time, 10), DEFAULT_STARTUP_HOLD))
+            service_errors: list[str] = []  # an invalid Service IP is left out and named, the others announced
             if self.config is not None:
                 self.speaker.set_service_routes(advertisements(
-                    inputs.node.name, self.config.services, inputs.services, inputs.endpoint_slices))
+                    inputs.node.name, self.config.services, inputs.services, inputs.endpoint_slices, service_errors))
+            self.errors = res.errors + service_errors
         except RoutedError as exc:
             raise BgpUpdateError(f"BGP update failed: {exc.msg}", exc.details) from exc
         except OSError as exc:
             raise BgpUpdateError(f"BGP update failed: {exc}") from exc
+        finally:
+            for e in self.errors:
+                if e not in previous_errors:
+                    log.warning("BGP config: %s", e)
         self._last_inputs = inputs
 
     def _configure_bfd(self, cfg: SpeakerConfig) -> None:

@@ -16,14 +16,17 @@ type, the Services behind it — shared IPs are reference-counted: the prefix st
 - Headless Services (clusterIP None) have no ClusterIP to announce.
 - IPv6 prefixes (/128s, IPv6 CIDRs) go out like the IPv6 pod CIDR: on every session carrying IPv6 (a separate
   IPv6 session or IPv6 over the IPv4 one), with that session's IPv6 next hop (routed/bgp/speaker.py).
+- Every IP and CIDR passes routed/validation.py first: an invalid one (a scope ID, whitespace, not an IP) is
+  left out and named with its Service in `problems`; the Service's other IPs and every other Service stay.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from routed import validation
 
 OPT_OUT_ANNOTATION = "routed.dev/advertise"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -34,7 +37,7 @@ KINDS = (KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER_IP)
 CONFIG_FIELDS = {KIND_CLUSTER_IP: "serviceClusterIPs", KIND_EXTERNAL_IP: "serviceExternalIPs",
                  KIND_LOAD_BALANCER_IP: "serviceLoadBalancerIPs"}  # the BGPConfiguration allow-list per type
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Network = validation.Network
 
 
 @dataclass(frozen=True)
@@ -67,33 +70,37 @@ class Advertisement:
     communities: tuple[str, ...] = ()
 
 
-def _host_prefix(ip: str) -> str | None:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    return f"{addr}/{addr.max_prefixlen}"
-
-
-def _inside(ip: str, networks: Iterable[Network]) -> bool:
-    addr = ipaddress.ip_address(ip)
+def _inside(addr: validation.Address, networks: Iterable[Network]) -> bool:
     return any(addr.version == n.version and addr in n for n in networks)
+
+
+def _allowed(policy: ServicePolicy, kind: str, problems: list[str]) -> list[Network]:
+    out = []
+    for i, cidr in enumerate(policy.cidrs(kind)):
+        try:
+            out.append(validation.network(cidr, f"BGPConfiguration {CONFIG_FIELDS[kind]}[{i}]"))
+        except validation.InvalidValue as e:
+            problems.append(f"{e.msg}; not announced")
+    return out
 
 
 def ready_nodes(slices: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
     """"ns/service" -> nodes with at least one ready endpoint (a missing `ready` condition counts as ready)."""
     out: dict[str, set[str]] = {}
     for es in slices:
-        meta = es.get("metadata") or {}
-        service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-        if not service:
+        try:
+            meta = es.get("metadata") or {}
+            service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+            if not service:
+                continue
+            key = f"{meta.get('namespace') or 'default'}/{service}"
+            nodes = out.setdefault(key, set())
+            for ep in es.get("endpoints") or []:
+                ready = (ep.get("conditions") or {}).get("ready")
+                if ready is not False and ep.get("nodeName"):
+                    nodes.add(str(ep["nodeName"]))
+        except (AttributeError, TypeError):  # a malformed slice (manifest datastore) counts for nothing
             continue
-        key = f"{meta.get('namespace') or 'default'}/{service}"
-        nodes = out.setdefault(key, set())
-        for ep in es.get("endpoints") or []:
-            ready = (ep.get("conditions") or {}).get("ready")
-            if ready is not False and ep.get("nodeName"):
-                nodes.add(str(ep["nodeName"]))
     return out
 
 
@@ -110,11 +117,42 @@ def service_ips(svc: dict[str, Any]) -> dict[str, list[str]]:
     }
 
 
+def _service_prefixes(node: str, svc: dict[str, Any], allowed: dict[str, list[Network]],
+                      local: dict[str, set[str]], problems: list[str]) -> list[tuple[str, str, str]]:
+    """(prefix, type, "ns/name") for each IP of the Service this node announces."""
+    meta = svc.get("metadata") or {}
+    if str((meta.get("annotations") or {}).get(OPT_OUT_ANNOTATION, "")).lower() == "false":
+        return []
+    key = f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}"
+    spec = svc.get("spec") or {}
+    has_local_endpoint = node in local.get(key, set())
+    out = []
+    for kind, ips in service_ips(svc).items():
+        policy_field = "internalTrafficPolicy" if kind == KIND_CLUSTER_IP else "externalTrafficPolicy"
+        if spec.get(policy_field) == "Local" and not has_local_endpoint:
+            continue
+        for ip in ips:
+            try:
+                addr = validation.address(ip, f"Service {validation.display_name(key)}: {_IP_FIELDS[kind]}")
+            except validation.InvalidValue as e:
+                problems.append(f"{e.msg}; not announced")
+                continue
+            if _inside(addr, allowed[kind]):
+                out.append((f"{addr}/{addr.max_prefixlen}", kind, key))
+    return out
+
+
+_IP_FIELDS = {KIND_CLUSTER_IP: "spec.clusterIPs", KIND_EXTERNAL_IP: "spec.externalIPs",
+              KIND_LOAD_BALANCER_IP: "status.loadBalancer.ingress[].ip"}
+
+
 def advertisements(node: str, policy: ServicePolicy, services: Iterable[dict[str, Any]],
-                   slices: Iterable[dict[str, Any]]) -> dict[str, Advertisement]:
+                   slices: Iterable[dict[str, Any]], problems: list[str] | None = None) -> dict[str, Advertisement]:
+    """prefix -> Advertisement; an invalid IP or CIDR is skipped and named in `problems` (when given)."""
     if not policy.enabled:
         return {}
-    allowed = {kind: [ipaddress.ip_network(c, strict=False) for c in policy.cidrs(kind)] for kind in KINDS}
+    problems = [] if problems is None else problems
+    allowed = {kind: _allowed(policy, kind, problems) for kind in KINDS}
     out: dict[str, Advertisement] = {}
     for kind in KINDS:
         for net in allowed[kind]:
@@ -122,22 +160,16 @@ def advertisements(node: str, policy: ServicePolicy, services: Iterable[dict[str
     local = ready_nodes(slices)
     behind: dict[str, tuple[str, set[str]]] = {}  # prefix -> (type, services)
     for svc in services:
-        meta = svc.get("metadata") or {}
-        if str((meta.get("annotations") or {}).get(OPT_OUT_ANNOTATION, "")).lower() == "false":
+        try:
+            wanted = _service_prefixes(node, svc, allowed, local, problems)
+        except (AttributeError, TypeError, KeyError) as e:  # malformed (manifest datastore): only it is left out
+            meta = svc.get("metadata") if isinstance(svc, dict) else None
+            name = f"{meta.get('namespace')}/{meta.get('name')}" if isinstance(meta, dict) else "<unnamed>"
+            problems.append(f"Service {validation.display_name(name)}: malformed ({type(e).__name__}); not announced")
             continue
-        key = f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}"
-        spec = svc.get("spec") or {}
-        has_local_endpoint = node in local.get(key, set())
-        for kind, ips in service_ips(svc).items():
-            policy_field = "internalTrafficPolicy" if kind == KIND_CLUSTER_IP else "externalTrafficPolicy"
-            if spec.get(policy_field) == "Local" and not has_local_endpoint:
-                continue
-            for ip in ips:
-                prefix = _host_prefix(ip)
-                if prefix is None or not _inside(ip, allowed[kind]):
-                    continue
-                entry = behind.setdefault(prefix, (kind, set()))
-                entry[1].add(key)
+        for prefix, kind, key in wanted:
+            entry = behind.setdefault(prefix, (kind, set()))
+            entry[1].add(key)
     for prefix, (kind, keys) in behind.items():
         if prefix in out:  # a /32 CIDR configured as such: the CIDR entry already covers it
             out[prefix] = Advertisement(prefix, out[prefix].kind, tuple(sorted(keys)), out[prefix].communities)
