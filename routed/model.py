@@ -44,6 +44,15 @@ def _valid(values: list[Any], parse: Callable[[object, str], str], what: str,
     return out
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A field that should be a mapping; anything else (a malformed manifest) counts as empty."""
+    return value if isinstance(value, dict) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
 def _valid_ips(ips: list[Any], pod: str) -> list[str]:
     """The pod's addresses that are IP addresses, in canonical form (an invalid status.podIPs entry is left
     out with a warning, so it can never break the policy dataplane of every other pod)."""
@@ -70,22 +79,22 @@ class Node:
         """Addresses and pod CIDRs pass routed/validation.py: an invalid one is dropped with a warning (and
         named in `problems`), the others are kept. kube-apiserver does not validate `status.addresses` (any
         kubelet writes its own), the manifest datastore validates nothing."""
-        meta = obj.get("metadata") or {}
-        spec = obj.get("spec") or {}
-        name = meta.get("name", "")
+        meta = _mapping(obj.get("metadata"))
+        spec = _mapping(obj.get("spec"))
+        name = str(meta.get("name", ""))
         where = f"Node {validation.display_name(name)}"
-        cidrs = list(spec.get("podCIDRs") or [])
+        cidrs = _sequence(spec.get("podCIDRs"))
         if not cidrs and spec.get("podCIDR"):
             cidrs = [spec["podCIDR"]]
         addrs = [
             a.get("address", "")
-            for a in ((obj.get("status") or {}).get("addresses") or [])
+            for a in _sequence(_mapping(obj.get("status")).get("addresses"))
             if isinstance(a, dict) and a.get("type") == "InternalIP"
         ]
         problems: list[str] = []
         return cls(
             name=name,
-            labels=dict(meta.get("labels") or {}),
+            labels={k: v for k, v in _mapping(meta.get("labels")).items() if isinstance(k, str) and isinstance(v, str)},
             pod_cidrs=tuple(_valid(cidrs, validation.parse_cidr, f"{where}: spec.podCIDRs", problems)),
             addresses=tuple(_valid([a for a in addrs if a], validation.parse_ip, f"{where}: InternalIP address",
                                    problems)),

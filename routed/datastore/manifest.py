@@ -35,6 +35,7 @@ from typing import Any
 import inotify_simple
 import yaml
 
+from routed import validation
 from routed.backoff import Backoff
 from routed.datastore.base import KINDS, Datastore, DatastoreUnavailable, Event, EventSink, object_key
 
@@ -68,8 +69,24 @@ _MAX_READS = 256  # per round: a writer that never stops cannot keep a round fro
 VANISHED = (errno.ENOENT, errno.ENOTDIR)  # a path that went away while we looked at it
 
 
+def _invalid_name(item: dict[str, Any]) -> str:
+    """Why the object's name or namespace is not one kube-apiserver would accept ("" when it is): nothing
+    stands between a manifest file and the cache but this (routed/validation.py)."""
+    meta = item.get("metadata")
+    if not isinstance(meta, dict):
+        return "metadata is not a mapping"
+    try:
+        validation.check_dns_subdomain(meta.get("name"), "metadata.name")
+        if meta.get("namespace") is not None:
+            validation.check_dns_label(meta.get("namespace"), "metadata.namespace")
+    except validation.InvalidValue as e:
+        return e.msg
+    return ""
+
+
 def parse_documents(text: str, source: str) -> list[dict[str, Any]]:
-    """Objects of the kinds we watch from one file's text (List objects are flattened)."""
+    """Objects of the kinds we watch from one file's text (List objects are flattened). An object whose name or
+    namespace kube-apiserver would refuse is left out with a warning; the file's other objects are kept."""
     objects: list[dict[str, Any]] = []
     for doc in yaml.load_all(text, Loader=_Loader):
         if doc is None:
@@ -82,8 +99,13 @@ def parse_documents(text: str, source: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{source}: an object has no kind")
             if not (item.get("metadata") or {}).get("name"):
                 raise ValueError(f"{source}: a {item['kind']} has no metadata.name")
-            if item["kind"] in KINDS:
-                objects.append(item)
+            if item["kind"] not in KINDS:
+                continue
+            why = _invalid_name(item)
+            if why:
+                log.warning("%s: a %s left out: %s", source, validation.display_name(item["kind"]), why)
+                continue
+            objects.append(item)
     return objects
 
 

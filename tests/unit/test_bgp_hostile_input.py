@@ -207,3 +207,10 @@ def test_bgp_manager_update_does_not_raise_on_bad_objects_and_reports_them(tmp_p
         assert any(e.startswith("Service a/s: spec.clusterIPs") for e in errors)
         no_raw_text(errors)
     asyncio.run(run())
+
+
+def test_a_malformed_node_object_parses_to_what_is_usable():
+    n = Node.from_k8s({"metadata": {"name": "n9", "labels": {"ok": "v", "bad": 5}}, "spec": ["x"],
+                       "status": {"addresses": "10.0.0.9"}})
+    assert (n.name, n.labels, n.addresses, n.pod_cidrs) == ("n9", {"ok": "v"}, (), ())
+    assert Node.from_k8s({"metadata": "x"}).name == ""
