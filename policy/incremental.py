@@ -155,8 +155,11 @@ class PolicyEngine:
         for policy in parsed:  # every verdict first: admission in key order needs them all
             engine.ledger.take(policy, settle=False)
         engine.ledger.settle()
-        for policy in parsed:
-            engine._store_policy(policy)
+        for policy in parsed:  # no plan is used yet: the endpoints are planned once, with every policy
+            engine.policies[policy.key] = policy
+            engine.policies_by_ns.setdefault(policy.namespace, {})[policy.key] = policy
+        for host_ifname in engine.endpoints:
+            engine._refresh_endpoint(host_ifname)
         return engine
 
     def take_changes(self) -> Changes:

@@ -9,6 +9,7 @@ calculation's name (`rtd-s-…`, `rtd-host-ips`), IPv6 replaces the `rtd-` prefi
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 PREFIX = "rtd"
@@ -38,11 +39,13 @@ def _checked(name: str, limit: int) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=65536)
 def policy_chain(policy_key: str, direction: str) -> str:
     kind = "pi" if direction == "Ingress" else "pe"
     return _checked(f"{PREFIX}-{kind}-{short_hash(policy_key, 20)}", MAX_CHAIN)
 
 
+@functools.lru_cache(maxsize=65536)
 def endpoint_chain(host_ifname: str, direction: str) -> str:
     """direction: 'from' (traffic the workload sends) or 'to' (traffic it receives)."""
     kind = "fw" if direction == "from" else "tw"
@@ -50,7 +53,15 @@ def endpoint_chain(host_ifname: str, direction: str) -> str:
 
 
 def ipset_name(kind: str, identity: str) -> str:
-    """kind: one letter ('s' selector, 'n' ipBlock, 'p' named port)."""
+    """kind: one letter ('s' selector, 'n' ipBlocks, 'p' named port, 'o' ports, 'l' list of sets). Names of short
+    identities (selectors, named ports) are remembered: the same ones are asked for by every plan."""
+    if len(identity) <= 512:
+        return _short_ipset_name(kind, identity)
+    return _checked(f"{PREFIX}-{kind}-{short_hash(identity, 24)}", MAX_IPSET)
+
+
+@functools.lru_cache(maxsize=65536)
+def _short_ipset_name(kind: str, identity: str) -> str:
     return _checked(f"{PREFIX}-{kind}-{short_hash(identity, 24)}", MAX_IPSET)
 
 
