@@ -28,16 +28,17 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
-def _valid(values: list[Any], parse: Callable[[object, str], str], what: str,
+def _valid(values: list[Any], parse: Callable[[object, str], str], what: Callable[[], str],
            problems: list[str] | None = None) -> list[str]:
     """The values that pass routed/validation.py, canonical; an invalid one is left out with a warning (and
-    named in `problems`), so it can never break the kernel state, BGP or policy of anything else."""
+    named in `problems`), so it can never break the kernel state, BGP or policy of anything else. `what` names
+    the field (built only for a message: this runs for every pod of the cluster)."""
     out = []
     for i, value in enumerate(values):
         try:
-            out.append(parse(value, f"{what}[{i}]"))
+            out.append(parse(value, ""))
         except validation.InvalidValue as exc:
-            message = f"{exc.msg}; ignored"
+            message = f"{what()}[{i}]: {exc.reason}; ignored"
             _warn_once(message)
             if problems is not None:
                 problems.append(message)
@@ -56,7 +57,7 @@ def _sequence(value: Any) -> list[Any]:
 def _valid_ips(ips: list[Any], pod: str) -> list[str]:
     """The pod's addresses that are IP addresses, in canonical form (an invalid status.podIPs entry is left
     out with a warning, so it can never break the policy dataplane of every other pod)."""
-    return _valid(ips, validation.parse_ip, f"pod {validation.display_name(pod)}: status.podIPs")
+    return _valid(ips, validation.parse_ip, lambda: f"pod {validation.display_name(pod)}: status.podIPs")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Node:
         meta = _mapping(obj.get("metadata"))
         spec = _mapping(obj.get("spec"))
         name = str(meta.get("name", ""))
-        where = f"Node {validation.display_name(name)}"
+        where = f"Node {validation.display_name(name)}"  # once per Node, not per pod: cheap enough
         cidrs = _sequence(spec.get("podCIDRs"))
         if not cidrs and spec.get("podCIDR"):
             cidrs = [spec["podCIDR"]]
@@ -95,9 +96,9 @@ class Node:
         return cls(
             name=name,
             labels={k: v for k, v in _mapping(meta.get("labels")).items() if isinstance(k, str) and isinstance(v, str)},
-            pod_cidrs=tuple(_valid(cidrs, validation.parse_cidr, f"{where}: spec.podCIDRs", problems)),
-            addresses=tuple(_valid([a for a in addrs if a], validation.parse_ip, f"{where}: InternalIP address",
-                                   problems)),
+            pod_cidrs=tuple(_valid(cidrs, validation.parse_cidr, lambda: f"{where}: spec.podCIDRs", problems)),
+            addresses=tuple(_valid([a for a in addrs if a], validation.parse_ip,
+                                   lambda: f"{where}: InternalIP address", problems)),
             problems=tuple(problems),
         )
 
