@@ -4,7 +4,10 @@ the way the DaemonSet runs it, and lab pods as CRI sandboxes, so every CNI call 
 
 Per node, under the node's directory: containerd/ (its root, state, socket; pod netns under its state dir),
 cni/bin and cni/net.d (the node's /opt/cni/bin and /etc/cni/net.d, filled by the install-cni init container),
-config/ (the agent's ConfigMap: agent.yaml and the conflist), state/, run/ (the agent's socket), log/.
+config/ (the agent's ConfigMap: agent.yaml and the conflist), state/, run/ (the agent's socket), log/,
+pod-volumes/routed/<name> (the pod's emptyDir volumes: kept across agent container restarts, like a kubelet's).
+The agent pod's security settings and volume mounts come from deploy/daemonset.yaml (routed/lab/daemonset.py):
+the node directory stands for the node's root (HOST_PATHS), so every hostPath of the DaemonSet needs an entry.
 A pod sandbox's network namespace is also attached as `rtd-<lab>-p-…`, so the lab's probes and `lab exec`
 reach CRI pods exactly like process-runtime pods.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from routed import netns
+from routed.lab import daemonset
 from routed.lab.errors import LabError
 from routed.lab.state import LabPaths
 
@@ -32,8 +36,10 @@ BUILD_IMAGE = REPO / "scripts" / "build-image"
 AGENT_IMAGE = "docker.io/library/routed:latest"
 POD_IMAGE = "docker.io/routed-lab/podserver:1"
 AGENT_NAMESPACE = "routed-system"
-# what deploy/daemonset.yaml grants the agent container (and nothing else: not privileged)
-AGENT_CAPABILITIES = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "NET_BIND_SERVICE"]
+# the DaemonSet's hostPath volumes → the node directory's stand-ins (NETNS_HOST_PATH: containerd's netns dir)
+HOST_PATHS = {"/var/lib/routed": "state", "/var/run/routed": "run", "/var/log/routed": "log",
+              "/run/xtables.lock": "xtables.lock", "/opt/cni/bin": "cni/bin", "/etc/cni/net.d": "cni/net.d"}
+NETNS_HOST_PATH = "/var/run/netns"
 # what a kubelet puts in every unprivileged container's security context (crictl does not add them itself)
 READONLY_PATHS = ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 MASKED_PATHS = ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
@@ -135,12 +141,40 @@ class NodeRuntime:
         return {"metadata": {"name": f"routed-{self.node}", "namespace": AGENT_NAMESPACE, "uid": f"routed-{self.node}",
                              "attempt": 0},
                 "log_directory": str(node_dir / "pod-logs" / "routed"),  # host network: the node's hostname
-                "linux": {"security_context": {"namespace_options": {"network": NETWORK_NODE}}}}
+                "linux": {"security_context": {"namespace_options": {"network": NETWORK_NODE},
+                                               **daemonset.load().sandbox_security_context}}}
 
-    def _mounts(self, extra: list[tuple[str, str, bool]]) -> list[dict[str, Any]]:
+    def _mounts(self, container: daemonset.Container) -> list[dict[str, Any]]:
+        """The container's volume mounts on this node: hostPaths under the node directory (containerd's netns
+        dir for /var/run/netns, at its own path), the ConfigMap as config/, emptyDirs under pod-volumes/."""
         node_dir = self.paths.node_dir(self.node)
-        mounts = [(str(node_dir / "config"), "/etc/routed", True)] + extra
-        return [{"container_path": c, "host_path": h, "readonly": ro} for h, c, ro in mounts]
+        out = []
+        for m in container.mounts:
+            container_path = m.path
+            if m.kind == "configMap":
+                host = node_dir / "config"
+            elif m.kind == "emptyDir":
+                host = node_dir / "pod-volumes" / "routed" / m.volume
+                host.mkdir(parents=True, exist_ok=True)
+            elif m.host_path == NETNS_HOST_PATH:  # pod netns at the path containerd gives the CNI call
+                self.netns_dir.mkdir(parents=True, exist_ok=True)
+                host, container_path = self.netns_dir, str(self.netns_dir)
+            elif m.host_path in HOST_PATHS:
+                host = node_dir / HOST_PATHS[m.host_path]
+            else:
+                raise CriError(f"the DaemonSet mounts hostPath {m.host_path} into {container.name}, which the lab "
+                               "does not provide", "add it to routed.lab.cri.HOST_PATHS")
+            mount: dict[str, Any] = {"container_path": container_path, "host_path": str(host),
+                                     "readonly": m.read_only}
+            if m.propagation == "HostToContainer":
+                mount["propagation"] = HOST_TO_CONTAINER
+            out.append(mount)
+        return out
+
+    @staticmethod
+    def _security_context(container: daemonset.Container) -> dict[str, Any]:
+        """The DaemonSet's securityContext plus the /proc paths a kubelet masks or makes read-only."""
+        return {**container.security_context, "readonly_paths": READONLY_PATHS, "masked_paths": MASKED_PATHS}
 
     def start_agent(self, shared: list[str]) -> tuple[str, str]:
         """The install-cni init container (run to completion), then the agent container; (sandbox, container).
@@ -152,37 +186,27 @@ class NodeRuntime:
         lock.touch()
         sandbox_config = self.agent_sandbox_config()
         sandbox = self.run_sandbox(sandbox_config)
+        install_cni = daemonset.load().containers["install-cni"]
         init = self.run_container(sandbox, sandbox_config, {
             "metadata": {"name": "install-cni"}, "image": {"image": AGENT_IMAGE},
             "command": ["/opt/routed/bin/python", "/opt/routed/deploy/install-cni.py"],
             "args": ["--plugin=/opt/routed/bin/routed-cni", "--bin-dir=/host/opt/cni/bin",
                      "--conf-dir=/host/etc/cni/net.d", "--conflist=/etc/routed/10-routed.conflist"],
-            "log_path": "install-cni.log",
-            "mounts": self._mounts([(str(self.cni_bin), "/host/opt/cni/bin", False),
-                                    (str(self.cni_conf), "/host/etc/cni/net.d", False)]),
+            "log_path": "install-cni.log", "mounts": self._mounts(install_cni),
+            "linux": {"security_context": self._security_context(install_cni)},
         })
         self._wait_exited(init)
         return sandbox, self.start_agent_container(sandbox, shared)
 
     def start_agent_container(self, sandbox: str, shared: list[str], attempt: int = 0) -> str:
-        node_dir = self.paths.node_dir(self.node)
-        self.netns_dir.mkdir(parents=True, exist_ok=True)
-        mounts = self._mounts([(str(node_dir / "state"), "/var/lib/routed", False),
-                               (str(node_dir / "run"), "/var/run/routed", False),
-                               (str(node_dir / "log"), "/var/log/routed", False),
-                               (str(node_dir / "xtables.lock"), "/run/xtables.lock", False)]
-                              + [(p, p, True) for p in shared])
-        # pod network namespaces at the path containerd gives the CNI call, new ones propagating in (rslave)
-        mounts.append({"container_path": str(self.netns_dir), "host_path": str(self.netns_dir),
-                       "propagation": HOST_TO_CONTAINER})
+        agent = daemonset.load().containers["agent"]
+        mounts = self._mounts(agent) + [{"container_path": p, "host_path": p, "readonly": True} for p in shared]
         return self.run_container(sandbox, self.agent_sandbox_config(), {
             "metadata": {"name": "agent", "attempt": attempt}, "image": {"image": AGENT_IMAGE},
             "command": ["routed", "agent", "--config", "/etc/routed/agent.yaml"],
             "envs": [{"key": "ROUTED_NODE_NAME", "value": self.node}],
             "log_path": f"agent-{attempt}.log", "mounts": mounts,
-            "linux": {"security_context": {"privileged": False, "capabilities": {
-                "add_capabilities": AGENT_CAPABILITIES, "drop_capabilities": ["ALL"]},
-                "readonly_paths": READONLY_PATHS, "masked_paths": MASKED_PATHS}},
+            "linux": {"security_context": self._security_context(agent)},
         })
 
     def _wait_exited(self, container: str, timeout: float = 60) -> None:

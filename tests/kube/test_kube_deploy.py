@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from kubernetes import client as k8s
@@ -27,6 +28,20 @@ def test_apply_kustomize(deployed: KubeEnv) -> None:
         assert f"customresourcedefinition.apiextensions.k8s.io/{name}" in crds
     ds = deployed.kubectl("get", "daemonset", "-n", "routed-system", "routed", "-o", "jsonpath={.spec.template.spec.hostNetwork}")
     assert ds.stdout == "true"
+
+
+def test_the_apiserver_accepts_the_hardened_daemonset(deployed: KubeEnv) -> None:
+    # allowPrivilegeEscalation: false beside an added SYS_ADMIN passes validation only spelled without "CAP_"
+    spec = json.loads(deployed.kubectl("get", "daemonset", "-n", "routed-system", "routed", "-o", "json").stdout)
+    pod = spec["spec"]["template"]["spec"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in [*pod["initContainers"], *pod["containers"]]:
+        sc = container["securityContext"]
+        assert (sc["allowPrivilegeEscalation"], sc["readOnlyRootFilesystem"], sc["privileged"]) == (False, True, False)
+    agent = next(c for c in pod["containers"] if c["name"] == "agent")
+    assert "SYS_ADMIN" in agent["securityContext"]["capabilities"]["add"]
+    assert {"name": "tmp", "mountPath": "/tmp"}.items() <= next(
+        m for m in agent["volumeMounts"] if m["name"] == "tmp").items()
 
 
 CAN = [

@@ -1,6 +1,7 @@
 """The lab with a real containerd per node (`routed lab up --runtime containerd`): the agent runs as a container
-of the agent image with the DaemonSet's capabilities (not privileged, /proc/sys read-only), pods are CRI
-sandboxes, and every CNI call comes from containerd's libcni through the static routed-cni."""
+of the agent image with the DaemonSet's security settings (its capabilities, not privileged, /proc/sys read-only,
+read-only root filesystem, no_new_privs, the runtime's default seccomp filter; ExaBGP under them too), pods are
+CRI sandboxes, and every CNI call comes from containerd's libcni through the static routed-cni."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from routed import api, netns
+from routed.lab import daemonset
 from routed.lab.lab import Lab
 from tests.helpers import holds_for, run_and_expect
 
@@ -63,16 +65,63 @@ def test_pods_are_cri_sandboxes_and_reach_each_other_without_nat(lab):
     assert all(r["client_seen"] == r["from_ip"] for r in rows)  # no NAT across the fabric
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def test_the_agent_container_is_not_privileged_and_proc_sys_is_read_only(lab):
     info = crictl_json(lab, "node1", "inspect", agent_container(lab, "node1"))["info"]
     spec = info["runtimeSpec"]
-    assert sorted(spec["process"]["capabilities"]["effective"]) == sorted(
-        ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE"])
+    granted = daemonset.load().containers["agent"].security_context["capabilities"]["add_capabilities"]
+    assert sorted(granted) == sorted(["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "NET_BIND_SERVICE"])
+    assert sorted(spec["process"]["capabilities"]["effective"]) == sorted(f"CAP_{c}" for c in granted)
     assert "/proc/sys" in spec["linux"].get("readonlyPaths", [])
     shim = lab.paths.node_dir("node1") / "cni" / "bin" / "routed-cni"  # installed by the install-cni container
     out = subprocess.run(["file", str(shim)], capture_output=True, text=True)
     assert out.returncode != 0 or "statically linked" in out.stdout, out.stdout
     assert shim.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_the_daemonset_hardening_holds_for_the_agent_exabgp_and_install_cni(lab):
+    spec = crictl_json(lab, "node1", "inspect", agent_container(lab, "node1"))["info"]["runtimeSpec"]
+    assert spec["root"].get("readonly") is True and spec["process"].get("noNewPrivileges") is True
+    assert spec["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"  # containerd's default profile
+    agent_pid = int(lab.paths.agent_pid("node1").read_text())
+
+    def touch(path: str) -> subprocess.CompletedProcess[str]:  # in the agent's mount namespace
+        return subprocess.run(["nsenter", "-t", str(agent_pid), "-m", "touch", path], capture_output=True, text=True)
+
+    out = touch("/usr/probe")
+    assert out.returncode != 0 and "Read-only file system" in out.stderr, out
+    assert touch("/tmp/probe").returncode == 0  # the emptyDir
+
+    def exabgp() -> list[int]:
+        pids = children(agent_pid)
+        pids += [g for c in pids for g in children(c)]  # setpriv execs ExaBGP in place
+        return [p for p in pids if b"exabgp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    pids = run_and_expect(exabgp, bool, timeout=30).check("ExaBGP runs in the agent container")
+    for pid in [agent_pid, *pids]:
+        status = proc_status(pid)
+        assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), (pid, status)
+        assert int(status["CapEff"], 16) != 0, status  # the capabilities it was granted, kept across exec
+    run_and_expect(lambda: (lab.agent_status("node1") or {}).get("bgp", {}).get("peers", []),
+                   lambda peers: peers and all(p.get("state") == "established" for p in peers),
+                   timeout=60).check("BGP sessions up under no_new_privs and seccomp")
+    listed = crictl_json(lab, "node1", "ps", "-a")["containers"]
+    init = next(c for c in listed if c["metadata"]["name"] == "install-cni")
+    init_spec = crictl_json(lab, "node1", "inspect", init["id"])["info"]["runtimeSpec"]
+    assert init_spec["root"].get("readonly") is True and init_spec["process"].get("noNewPrivileges") is True
+    assert not init_spec["process"]["capabilities"].get("effective")
+    assert init_spec["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
 
 
 def test_policy_applies_and_pod_deletion_releases_the_ip(lab, tmp_path):
