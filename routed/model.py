@@ -31,18 +31,12 @@ def _warn_once(message: str) -> None:
 def _valid(values: list[Any], parse: Callable[[object, str], str], what: Callable[[], str],
            problems: list[str] | None = None) -> list[str]:
     """The values that pass routed/validation.py, canonical; an invalid one is left out with a warning (and
-    named in `problems`), so it can never break the kernel state, BGP or policy of anything else. `what` names
-    the field (built only for a message: this runs for every pod of the cluster)."""
-    out = []
-    for i, value in enumerate(values):
-        try:
-            out.append(parse(value, ""))
-        except validation.InvalidValue as exc:
-            message = f"{what()}[{i}]: {exc.reason}; ignored"
-            _warn_once(message)
-            if problems is not None:
-                problems.append(message)
-    return out
+    named in `problems`), so it can never break the kernel state, BGP or policy of anything else."""
+    def refused(message: str) -> None:
+        _warn_once(f"{message}; ignored")
+        if problems is not None:
+            problems.append(f"{message}; ignored")
+    return validation.kept(values, parse, lambda i: f"{what()}[{i}]", refused)
 
 
 def _mapping(value: Any) -> dict[str, Any]:

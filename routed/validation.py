@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Iterable
 
 from routed.errors import Code, RoutedError
 
@@ -161,6 +162,19 @@ def parse_cidr(text: object, what: str, *, strict: bool = False, family: int | N
     """`text` as a canonical CIDR ('10.0.0.0/8', '2001:db8::/32'), or InvalidValue naming `what`. `strict`
     refuses host bits (otherwise they are cleared)."""
     return str(network(text, what, strict=strict, family=family, allow_ipv4_mapped=allow_ipv4_mapped))
+
+
+def kept(values: Iterable[object], parse: Callable[[object, str], str], what: Callable[[int], str],
+         refused: Callable[[str], None]) -> list[str]:
+    """What `parse` accepts of `values`, canonical; each refused one is passed to `refused` as a message
+    "<what(i)>: <reason>" (`what` is called only then: this runs for every pod of the cluster)."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(parse(value, ""))
+        except InvalidValue as exc:
+            refused(f"{what(i)}: {exc.reason}")
+    return out
 
 
 def ip_family(text: str) -> int:

@@ -62,8 +62,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -125,6 +127,14 @@ _CRD_NAMESPACE = _crd(pattern=f"(?:{validation.DNS_LABEL_RE})?", max_length=vali
 _CRD_SECRET_KEY = _crd(pattern=validation.SECRET_KEY_RE, max_length=validation.SECRET_KEY_MAX)
 _CRD_LABEL_KEY = _crd(pattern=f"(?:{validation.LABEL_KEY_RE})?", max_length=validation.LABEL_KEY_MAX)
 _CRD_LABEL_VALUE = _crd(pattern=validation.LABEL_VALUE_RE, max_length=validation.LABEL_NAME_MAX)
+
+
+def _checked(*fields: str, check: Callable[[object, str], str], optional: bool = False) -> Any:
+    """A pydantic field validator running a routed/validation.py check on text fields ("" passes when the field
+    is `optional`: unset)."""
+    def run(cls: type, v: str, info: ValidationInfo) -> str:
+        return v if optional and v == "" else check(v, str(info.field_name))
+    return field_validator(*fields)(classmethod(run))
 
 
 def unusable_next_hop(address: str) -> str:
@@ -207,10 +217,7 @@ _SpecT = TypeVar("_SpecT", bound=_Spec)
 class ServiceCidr(_Spec):
     cidr: str = Field(json_schema_extra=_CRD_CIDR)
 
-    @field_validator("cidr")
-    @classmethod
-    def _cidr(cls, v: str) -> str:
-        return validation.parse_cidr(v, "cidr")
+    _cidr = _checked("cidr", check=validation.parse_cidr)
 
 
 class ServiceCommunities(_Spec):
@@ -273,15 +280,8 @@ class BGPConfigurationSpec(_Spec):
             validation.parse_asn(asn, display_name(key))
         return v
 
-    @field_validator("asNumberLabel", "rackLabel")
-    @classmethod
-    def _label_key(cls, v: str) -> str:
-        return v and validation.check_label_key(v, "label key")
-
-    @field_validator("routerID")
-    @classmethod
-    def _rid(cls, v: str) -> str:
-        return v and validation.parse_ip(v, "routerID", family=4)
+    _label_keys = _checked("asNumberLabel", "rackLabel", check=validation.check_label_key, optional=True)
+    _rid = _checked("routerID", check=functools.partial(validation.parse_ip, family=4), optional=True)
 
     @field_validator("communities")
     @classmethod
@@ -302,20 +302,9 @@ class SecretKeyRef(_Spec):
     key: str = Field(min_length=1, json_schema_extra=_CRD_SECRET_KEY)
     namespace: str = Field("", json_schema_extra=_CRD_NAMESPACE)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return validation.check_dns_subdomain(v, "name")
-
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return validation.check_secret_key(v, "key")
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        return v and validation.check_dns_label(v, "namespace")
+    _name = _checked("name", check=validation.check_dns_subdomain)
+    _key = _checked("key", check=validation.check_secret_key)
+    _namespace = _checked("namespace", check=validation.check_dns_label, optional=True)
 
     def where(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
@@ -331,10 +320,7 @@ class LabelSelectorRequirement(_Spec):
     values: list[Annotated[str, Field(json_schema_extra=_CRD_LABEL_VALUE)]] = Field(
         default_factory=list, max_length=MAX_SELECTOR_ITEMS)
 
-    @field_validator("key")
-    @classmethod
-    def _key(cls, v: str) -> str:
-        return validation.check_label_key(v, "key")
+    _key = _checked("key", check=validation.check_label_key)
 
     @field_validator("values")
     @classmethod
@@ -404,15 +390,8 @@ class BGPPeerSpec(_Spec):
                                                      "must be an IPv6 address (no scope ID)"),
                                                     max_length=validation.MAX_IP_LENGTH))
 
-    @field_validator("peerIP")
-    @classmethod
-    def _ip(cls, v: str) -> str:
-        return validation.parse_ip(v, "peerIP")
-
-    @field_validator("node")
-    @classmethod
-    def _node(cls, v: str) -> str:
-        return v and validation.check_dns_subdomain(v, "node")
+    _ip = _checked("peerIP", check=validation.parse_ip)
+    _node = _checked("node", check=validation.check_dns_subdomain, optional=True)
 
     @field_validator("addressFamilies")
     @classmethod
@@ -682,13 +661,9 @@ def _valid_node_addresses(node: Node, errors: list[str]) -> Node:
     """`node` with only addresses that pass the boundary (a Node built from a cluster object already has only
     those: its `problems` name what was dropped); what is dropped is reported under the Node's name."""
     errors.extend(node.problems)
-    kept = []
-    for a in node.addresses:
-        try:
-            kept.append(validation.parse_ip(a, f"Node {display_name(node.name)}: address"))
-        except InvalidValue as e:
-            errors.append(f"{e.msg}; dropped")
-    return node if tuple(kept) == node.addresses else replace(node, addresses=tuple(kept))
+    kept = tuple(validation.kept(node.addresses, validation.parse_ip, lambda i: f"Node {display_name(node.name)}: "
+                                 f"address[{i}]", lambda message: errors.append(f"{message}; dropped")))
+    return node if kept == node.addresses else replace(node, addresses=kept)
 
 
 def _peer_config(name: str, p: BGPPeerSpec, node: Node, password: str | None,
@@ -761,13 +736,9 @@ def _mesh_peers(spec: BGPConfigurationSpec, node: Node, other: Node, taken: dict
 
 
 def _pod_cidrs(node: Node, errors: list[str]) -> tuple[str, ...]:
-    out = []
-    for c in node.pod_cidrs:
-        try:
-            out.append(validation.parse_cidr(c, f"Node {display_name(node.name)}: podCIDR"))
-        except InvalidValue as e:
-            errors.append(f"{e.msg}; not announced")
-    return tuple(out)
+    return tuple(validation.kept(node.pod_cidrs, validation.parse_cidr,
+                                 lambda i: f"Node {display_name(node.name)}: podCIDR[{i}]",
+                                 lambda message: errors.append(f"{message}; not announced")))
 
 
 def resolve(
