@@ -69,6 +69,9 @@ class Driver:
     def __init__(self, harness: ComponentHarness) -> None:
         self.h = harness
         self.ips: dict[str, tuple[str, ...]] = {"a": ("10.1.0.1",)}
+        # the CNI server serialises the calls for one attachment (cni/server.py _attachment_lock), as the CNI
+        # spec asks of runtimes; calls for different pods interleave freely
+        self.attachment_locks = {pod: asyncio.Lock() for pod in PODS}
 
     def endpoint(self, pod: str) -> Endpoint:
         n = PODS.index(pod) + 1
@@ -94,9 +97,11 @@ class Driver:
             obj = {"metadata": {"name": item[1], "namespace": "x"}, "spec": {}}
             await h.cache.apply([Event("DELETED", "NetworkPolicy", f"x/{item[1]}", obj)])
         elif kind == "add":
-            await self.add(item[1])
+            async with self.attachment_locks[item[1]]:
+                await self.add(item[1])
         elif kind == "del":
-            await self.delete(item[1])
+            async with self.attachment_locks[item[1]]:
+                await self.delete(item[1])
         elif kind == "resync":
             comp.resync()
         elif kind == "hooks":
