@@ -557,15 +557,18 @@ def over_budget(policy: Policy, reason: str) -> Policy:
 
 
 class BudgetLedger:
-    """The budget verdict of every policy: over its own budget, or (admitted in namespace/name order) over what
-    the node has left; the totals are kept as policies come and go, so the common case (everything fits) costs
-    one policy's size per change."""
+    """The budget verdict of every policy: over its own budget (any policy), or over what the node has left: the
+    policies this node uses (selecting a pod of a local endpoint) are admitted in namespace/name order while the
+    node's totals allow. The totals are kept as policies come, go and are used, so the common case (everything
+    fits) costs one policy's size per change."""
 
     def __init__(self, budget: PolicyBudget = DEFAULT_BUDGET) -> None:
         self.budget = budget
         self.costs: dict[str, PolicyCost] = {}  # policies within their own budget
+        self.used: set[str] = set()  # policies this node uses
         self.own: dict[str, str] = {}  # key -> reason: over its own budget
         self.node: dict[str, str] = {}  # key -> reason: over the node's budget
+        self._counted: set[str] = set()  # used and within their own budget: in the totals
         self._set_refs: Counter[str] = Counter()
         self._rules = 0
         self._members = 0
@@ -580,7 +583,7 @@ class BudgetLedger:
     def take(self, policy: Policy, settle: bool = True) -> set[str]:
         """Take `policy` (a new version of its key); returns the keys whose verdict changed (after `settle`)."""
         before = self.problems()
-        self._drop(policy.key)
+        self._forget(policy.key)
         if policy.valid:
             cost = policy_cost(policy)
             reason = policy_over_budget(cost, self.budget)
@@ -588,26 +591,53 @@ class BudgetLedger:
                 self.own[policy.key] = f"{reason}; it would cost {cost.text()}"
             else:
                 self.costs[policy.key] = cost
-                self._rules += cost.rules
-                self._members += cost.members
-                self._set_refs.update(cost.sets)
+                self._count(policy.key)
         return self._changed(before) if settle else set()
 
     def remove(self, key: str) -> set[str]:
         before = self.problems()
-        self._drop(key)
+        self._forget(key)
+        self.used.discard(key)
         return self._changed(before)
 
-    def _drop(self, key: str) -> None:
+    def use(self, key: str, used: bool = True, settle: bool = True) -> set[str]:
+        """This node starts (or, used=False, stops) using policy `key`; returns the keys whose verdict changed."""
+        if (key in self.used) == used:
+            return set()
+        before = self.problems()
+        if used:
+            self.used.add(key)
+            self._count(key)
+        else:
+            self.used.discard(key)
+            self._uncount(key)
+        return self._changed(before) if settle else set()
+
+    def _forget(self, key: str) -> None:
         self.own.pop(key, None)
-        cost = self.costs.pop(key, None)
-        if cost is not None:
-            self._rules -= cost.rules
-            self._members -= cost.members
-            self._set_refs.subtract(cost.sets)
-            for name in cost.sets:
-                if self._set_refs[name] <= 0:
-                    del self._set_refs[name]
+        self._uncount(key)
+        self.costs.pop(key, None)
+
+    def _count(self, key: str) -> None:
+        cost = self.costs.get(key)
+        if cost is None or key not in self.used or key in self._counted:
+            return
+        self._counted.add(key)
+        self._rules += cost.rules
+        self._members += cost.members
+        self._set_refs.update(cost.sets)
+
+    def _uncount(self, key: str) -> None:
+        if key not in self._counted:
+            return
+        cost = self.costs[key]
+        self._counted.discard(key)
+        self._rules -= cost.rules
+        self._members -= cost.members
+        self._set_refs.subtract(cost.sets)
+        for name in cost.sets:
+            if self._set_refs[name] <= 0:
+                del self._set_refs[name]
 
     def _changed(self, before: dict[str, str]) -> set[str]:
         self.settle()
@@ -615,26 +645,35 @@ class BudgetLedger:
         return {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
 
     def settle(self) -> None:
-        """Admit the policies within their own budget in namespace/name order while the node's totals allow."""
+        """Admit the used policies within their own budget in namespace/name order while the node's totals
+        allow."""
         b = self.budget
+        self.node = {}
         if self._rules <= b.node_rules and self._members <= b.node_members and len(self._set_refs) <= b.node_sets:
-            self.node = {}
             return
         rules = members = 0
         sets: set[str] = set()
-        self.node = {}
-        for key in sorted(self.costs, key=lambda k: tuple(k.split("/", 1))):
+        for key in sorted(self._counted, key=lambda k: tuple(k.split("/", 1))):
             cost = self.costs[key]
             fresh = len(cost.sets - sets)
             if rules + cost.rules > b.node_rules or members + cost.members > b.node_members \
                     or len(sets) + fresh > b.node_sets:
                 self.node[key] = (f"over the node's budget ({b.node_rules} rules, {b.node_sets} ipsets, "
-                                  f"{b.node_members} set entries for all policies, admitted in namespace/name "
-                                  f"order): it would cost {cost.text()}")
+                                  f"{b.node_members} set entries for the policies of this node's pods, admitted "
+                                  f"in namespace/name order): it would cost {cost.text()}")
                 continue
             rules += cost.rules
             members += cost.members
             sets |= cost.sets
+
+
+def used_policies(policies: Iterable[Policy], endpoint_pods: Iterable[Pod | None]) -> set[str]:
+    """The policies that select the pod of a local endpoint in some direction (what the node programs)."""
+    by_ns: dict[str, list[Policy]] = {}
+    for policy in policies:
+        by_ns.setdefault(policy.namespace, []).append(policy)
+    return {p.key for pod in endpoint_pods if pod is not None for p in by_ns.get(pod.namespace, ())
+            if any(policy_selects(p, pod, d) for d in DIRECTIONS)}
 
 
 def host_set(node_ips: Iterable[str]) -> IpSetSpec:
@@ -707,6 +746,8 @@ class Calculator:
         ledger = BudgetLedger(inputs.budget)
         for policy in parsed:
             ledger.take(policy, settle=False)
+        for key in used_policies(parsed, (self.pods.get(ep.pod_key) for ep in inputs.endpoints)):
+            ledger.use(key, settle=False)
         ledger.settle()
         problems = ledger.problems()
         self.policies: list[Policy] = sorted(

@@ -52,6 +52,7 @@ from policy.calc import (
     pod_members,
     problems_of,
     unknown_pod_warning,
+    used_policies,
 )
 from policy.model import Policy, parse_policy
 from routed.model import Endpoint, Namespace, Pod
@@ -116,6 +117,7 @@ class PolicyEngine:
         self.policies: dict[str, Policy] = {}  # as parsed
         self.policies_by_ns: dict[str, dict[str, Policy]] = {}
         self.ledger = BudgetLedger(budget)
+        self._verdicts: set[str] = set()  # policies whose budget verdict changed: re-planned once the event is in
         self.endpoints: dict[str, Endpoint] = {}  # host_ifname -> endpoint
         self.endpoints_by_pod: dict[str, set[str]] = {}
         self.ep_plans: dict[str, EndpointPlan] = {}
@@ -154,12 +156,15 @@ class PolicyEngine:
         parsed = [parse_policy(raw) for raw in inputs.policies]
         for policy in parsed:  # every verdict first: admission in key order needs them all
             engine.ledger.take(policy, settle=False)
+        for key in used_policies(parsed, (engine.pods.get(ep.pod_key) for ep in inputs.endpoints)):
+            engine.ledger.use(key, settle=False)
         engine.ledger.settle()
         for policy in parsed:  # no plan is used yet: the endpoints are planned once, with every policy
             engine.policies[policy.key] = policy
             engine.policies_by_ns.setdefault(policy.namespace, {})[policy.key] = policy
         for host_ifname in engine.endpoints:
             engine._refresh_endpoint(host_ifname)
+        engine._settle_verdicts()
         return engine
 
     def take_changes(self) -> Changes:
@@ -231,10 +236,12 @@ class PolicyEngine:
     def set_pod(self, pod: Pod) -> None:
         self.raw_pods[pod.key] = pod
         self._refresh_pod(pod.key)
+        self._settle_verdicts()
 
     def delete_pod(self, key: str) -> None:
         if self.raw_pods.pop(key, None) is not None:
             self._refresh_pod(key)
+            self._settle_verdicts()
 
     def _effective(self, key: str) -> Pod | None:
         raw = self.raw_pods.get(key)
@@ -376,9 +383,9 @@ class PolicyEngine:
         old = self.policies.get(policy.key)
         if old == policy:
             return
-        verdicts = self.ledger.take(policy)
+        self._verdicts |= self.ledger.take(policy)
         self._store_policy(policy)
-        self._verdicts_changed(verdicts - {policy.key})
+        self._settle_verdicts()
 
     def _store_policy(self, policy: Policy) -> None:
         self.policies[policy.key] = policy
@@ -389,14 +396,17 @@ class PolicyEngine:
         policy = self.policies.pop(key, None)
         if policy is None:
             return
-        verdicts = self.ledger.remove(key)
+        self._verdicts |= self.ledger.remove(key)
         _discard(self.policies_by_ns, policy.namespace, key)
         self._policy_changed(policy.namespace, key)
-        self._verdicts_changed(verdicts - {key})
+        self._settle_verdicts()
 
-    def _verdicts_changed(self, keys: Iterable[str]) -> None:
-        """Other policies whose budget verdict changed (the node's budget): re-planned where used."""
-        for key in sorted(keys):
+    def _settle_verdicts(self) -> None:
+        """Re-plan, where used, the policies whose budget verdict an event changed (the node's budget: another
+        policy came, went or became used); runs once the event's own changes are in."""
+        while self._verdicts:
+            key = min(self._verdicts)
+            self._verdicts.discard(key)
             if key in self.policies:
                 self._policy_changed(self.policies[key].namespace, key)
 
@@ -413,11 +423,16 @@ class PolicyEngine:
     def _plan_for(self, policy: Policy, direction: str) -> PolicyPlan:
         return plan_policy(policy, direction, lambda d: d.name)
 
-    def _use_plan(self, policy: Policy, direction: str) -> str:
-        key = (policy.key, direction)
+    def _used(self, policy_key: str) -> bool:
+        return any((policy_key, d) in self.plan_users for d in DIRECTIONS)
+
+    def _use_plan(self, policy_key: str, direction: str) -> str:
+        key = (policy_key, direction)
+        if not self._used(policy_key):  # the node starts using it: it counts for the node's budget
+            self._verdicts |= self.ledger.use(policy_key)
         self.plan_users[key] = self.plan_users.get(key, 0) + 1
         if key not in self.plans:
-            self._set_plan(key, self._plan_defs(policy, direction))
+            self._set_plan(key, self._plan_defs(self.enforced(policy_key), direction))
         return self.plans[key].chain
 
     def _plan_defs(self, policy: Policy, direction: str) -> tuple[PolicyPlan, list[SetDef]]:
@@ -461,6 +476,8 @@ class PolicyEngine:
         if self.plan_users[key] == 0:
             del self.plan_users[key]
             self._set_plan(key, None)
+            if not self._used(policy_key):
+                self._verdicts |= self.ledger.use(policy_key, used=False)
 
     # -- endpoints -----------------------------------------------------------------------------------------
     def add_endpoint(self, ep: Endpoint) -> None:
@@ -475,6 +492,7 @@ class PolicyEngine:
         self.changes.chains.add(names.CHAIN_TO_DISPATCH)
         self._refresh_endpoint(ep.host_ifname)
         self._refresh_pod(ep.pod_key)  # its address may become the pod's
+        self._settle_verdicts()
 
     def remove_endpoint(self, ep: Endpoint) -> None:
         if self.endpoints.get(ep.host_ifname) is None:
@@ -485,6 +503,7 @@ class PolicyEngine:
         self.changes.chains.add(names.CHAIN_FROM_DISPATCH)
         self.changes.chains.add(names.CHAIN_TO_DISPATCH)
         self._refresh_pod(ep.pod_key)
+        self._settle_verdicts()
 
     def _refresh_endpoint(self, host_ifname: str) -> None:
         ep = self.endpoints[host_ifname]
@@ -495,7 +514,7 @@ class PolicyEngine:
         if old == new:
             return
         for policy_key, direction in _plan_keys(new, self.chain_plan_key_of(candidates)):
-            self._use_plan(self.enforced(policy_key), direction)
+            self._use_plan(policy_key, direction)
         if old is not None:
             self._release(old)
         self.ep_plans[host_ifname] = new

@@ -103,3 +103,27 @@ def test_budget_configurable_and_used_by_the_controller():
     ctl.engine.set_policy(HUGE)
     assert [p.key for p in ctl.engine.problems()] == ["x/huge"]
     assert ctl.report()["invalidPolicies"][0]["policy"] == "x/huge"
+
+
+def test_node_budget_counts_only_the_policies_of_this_nodes_pods():
+    budget = PolicyBudget(node_rules=4)
+    elsewhere = [pol(f"e{i}", f"nobody-{i}", [{"ipBlock": {"cidr": f"192.168.{i}.0/24"}}], [{"port": 80}])
+                 for i in range(10)]  # ten rules' worth, selecting no local pod
+    policies = elsewhere + _policies(2)  # p0 and p1: four rules, the node's whole budget
+    assert calculate(inputs(policies, budget)).problems == []
+    engine = PolicyEngine.from_inputs(inputs(policies, budget))
+    assert engine.problems() == []
+    # a pod of this node starts matching x/e0: now it counts, and the last in order (x/p1) is out
+    late = Pod("x", "late", {"app": "nobody-0"}, "n", ("10.1.0.9",))
+    late_ep = Endpoint("c9", "eth0", "", "rtd00000000009", ("10.1.0.9",), "x", "late")
+    engine.add_endpoint(late_ep)
+    engine.set_pod(late)
+    assert [p.key for p in engine.problems()] == ["x/p1"]
+    want = PolicyInputs([Namespace("x")], [BIG, SMALL, CLIENT, late], policies, [*EPS, late_ep], [], budget)
+    assert engine.calculation() == calculate(want)
+    assert [p.key for p in calculate(want).problems] == ["x/p1"]
+    # the pod goes: x/e0 no longer counts and x/p1 is back
+    engine.delete_pod("x/late")
+    engine.remove_endpoint(engine.endpoints["rtd00000000009"])
+    assert engine.problems() == []
+    assert engine.calculation() == calculate(inputs(policies, budget))
