@@ -10,6 +10,7 @@ z/d's addresses (plus 799 ipBlocks and 799 other ports that match nothing here).
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -85,7 +86,7 @@ def expected(deny_z: bool) -> dict[tuple[str, str], bool]:
 
 def converge(lab: Lab, want: dict[tuple[str, str], bool], timeout: float) -> None:
     for family in (4, 6):
-        ok, last, _ = run_and_expect(lambda f=family: seen(lab, f), lambda s: s == want, timeout=timeout,
+        ok, last, _ = run_and_expect(functools.partial(seen, lab, family), lambda s: s == want, timeout=timeout,
                                      interval=0.2)
         wrong = sorted(f"{s} -> {d}: expected {'allowed' if v else 'denied'}" for (s, d), v in want.items()
                        if last.get((s, d)) != v)
