@@ -54,6 +54,29 @@ def _valid_ips(ips: list[Any], pod: str) -> list[str]:
     return _valid(ips, validation.parse_ip, lambda: f"pod {validation.display_name(pod)}: status.podIPs")
 
 
+def _valid_ports(spec: dict[str, Any], pod: str) -> list[ContainerPort]:
+    """The pod's container ports as kube-apiserver would accept them (port 1..65535, TCP/UDP/SCTP, an
+    IANA service name or none); an invalid one is left out with a warning naming the pod, the others kept."""
+    ports: list[ContainerPort] = []
+    containers = spec.get("containers") if isinstance(spec, dict) else None
+    for c, container in enumerate(containers if isinstance(containers, list) else []):
+        entries = container.get("ports") if isinstance(container, dict) else None
+        for i, p in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(p, dict) or "containerPort" not in p:
+                continue
+            what = f"pod {validation.display_name(pod)}: spec.containers[{c}].ports[{i}]"
+            try:
+                name = p.get("name") or ""
+                if name:
+                    validation.check_port_name(name, what + ".name")
+                ports.append(ContainerPort(port=validation.parse_port(p["containerPort"], what + ".containerPort"),
+                                           protocol=validation.parse_protocol(p.get("protocol"), what + ".protocol"),
+                                           name=name))
+            except validation.InvalidValue as exc:
+                log.warning("%s; left out", exc)
+    return ports
+
+
 @dataclass(frozen=True)
 class ContainerPort:
     port: int
@@ -136,18 +159,7 @@ class Pod:
         meta = obj.get("metadata") or {}
         spec = obj.get("spec") or {}
         status = obj.get("status") or {}
-        ports: list[ContainerPort] = []
-        for container in spec.get("containers") or []:
-            for p in container.get("ports") or []:
-                if "containerPort" not in p:
-                    continue
-                ports.append(
-                    ContainerPort(
-                        port=int(p["containerPort"]),
-                        protocol=str(p.get("protocol") or "TCP").upper(),
-                        name=str(p.get("name") or ""),
-                    )
-                )
+        ports = _valid_ports(spec, f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}")
         ips = [i.get("ip", "") for i in status.get("podIPs") or [] if i.get("ip")]
         if not ips and status.get("podIP"):
             ips = [status["podIP"]]

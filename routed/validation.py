@@ -217,6 +217,40 @@ def parse_asn(value: object, what: str) -> int:
     return value
 
 
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+
+
+def parse_port(value: object, what: str) -> int:
+    """A port number 1..65535: an int (what kube-apiserver stores), or its ASCII decimal text (a manifest)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(what, f"must be a port number, got {type(value).__name__}")
+    if not 1 <= value <= 65535:
+        raise InvalidValue(what, f"port {value} out of range 1..65535")
+    return value
+
+
+def parse_protocol(value: object, what: str) -> str:
+    """TCP, UDP or SCTP (absent: TCP)."""
+    protocol = "TCP" if value is None or value == "" else value.upper() if isinstance(value, str) and value.isascii() else value
+    if protocol not in PROTOCOLS:
+        raise InvalidValue(what, f"{shown(protocol)} is not one of {', '.join(PROTOCOLS)}")
+    return str(protocol)
+
+
+_PORT_NAME = re.compile(r"(?=[a-z0-9-]*[a-z])[a-z0-9](?:-?[a-z0-9])*", re.ASCII)
+
+
+def check_port_name(text: object, what: str) -> str:
+    """An IANA service name (RFC 6335): at most 15 lowercase alphanumerics and single inner '-', one letter."""
+    if not isinstance(text, str):
+        raise InvalidValue(what, f"must be a string, got {type(text).__name__}")
+    if len(text) > 15 or not _PORT_NAME.fullmatch(text):
+        raise InvalidValue(what, f"{shown(text)} is not a port name (IANA service name, at most 15 characters)")
+    return text
+
+
 def _matching(pattern: re.Pattern[str], text: object, what: str, max_length: int, kind: str) -> str:
     if not isinstance(text, str):
         raise InvalidValue(what, f"must be a string, got {type(text).__name__}")

@@ -199,3 +199,16 @@ def test_crd_patterns_are_the_same_text() -> None:
         # Python's `$` would match before the trailing newline: the Go regexp used by the apiserver does not, so
         # compare with \Z semantics here.
         assert bool(community.fullmatch(text)) == ok or text.endswith("\n")
+
+
+def test_container_ports_as_the_apiserver_would_accept_them_the_others_left_out(caplog):
+    from routed.model import ContainerPort, Pod
+    pod = Pod.from_k8s({"metadata": {"name": "p", "namespace": "x"}, "spec": {"containers": [{"ports": [
+        {"containerPort": "7jp"}, {"containerPort": 80, "name": "web", "protocol": "UDP"},
+        {"containerPort": 81, "protocol": "tcp"}, {"containerPort": 70000}, {"containerPort": True},
+        {"containerPort": 82, "name": 'a" -j ACCEPT'}, {"containerPort": 83, "protocol": "TCP\n-F"},
+        {"containerPort": "8080", "name": "http-alt"}, "junk"]}, "junk"]}})
+    assert pod.ports == (ContainerPort(80, "UDP", "web"), ContainerPort(81, "TCP", ""),
+                         ContainerPort(8080, "TCP", "http-alt"))
+    assert "pod x/p: spec.containers[0].ports[0].containerPort" in caplog.text
+    assert "\n-F" not in caplog.text
